@@ -1,0 +1,71 @@
+"""The training objective: guess the noise, compare (DDPM Algorithm 1, notebook 03)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from coursekit.forward import add_noise
+from coursekit.schedules import NoiseSchedule
+
+NoisePredictor = Callable[..., torch.Tensor]
+
+
+def noise_prediction_loss(
+    model: NoisePredictor,
+    x0: torch.Tensor,
+    schedule: NoiseSchedule,
+    class_labels: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    per_example: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The simplified loss ``L_simple = E_{t, x0, eps} || eps - eps_theta(x_t, t) ||^2`` (DDPM Eq. 14).
+
+    1. draw one timestep per image, uniformly (Algorithm 1, line 3);
+    2. draw the noise and jump to x_t in closed form (line 4);
+    3. ask the model for the noise and take the mean squared error (line 5).
+    With ``per_example=True`` it returns ``(per-example losses (B,), t (B,))`` for plots.
+    """
+    batch_size = x0.shape[0]
+    # Draw on the generator's device (the CPU for a CPU generator) so that a seed gives the same
+    # draws on every machine, then move to the data's device.
+    draw_device = generator.device if generator is not None else x0.device
+    t = torch.randint(0, schedule.num_steps, (batch_size,), generator=generator, device=draw_device)
+    noise = torch.randn(x0.shape, generator=generator, device=draw_device)
+    t, noise = t.to(x0.device), noise.to(x0.device, x0.dtype)
+    x_t, noise = add_noise(x0, t, schedule, noise=noise)
+    if class_labels is None:
+        eps_pred = model(x_t, t)
+    else:
+        eps_pred = model(x_t, t, class_labels=class_labels)
+    if eps_pred.shape != noise.shape:
+        raise ValueError(
+            f"the model must predict noise of the input's shape {tuple(noise.shape)}, "
+            f"got {tuple(eps_pred.shape)}"
+        )
+    per_example_loss = F.mse_loss(eps_pred.float(), noise.float(), reduction="none")
+    per_example_loss = per_example_loss.flatten(1).mean(dim=1)  # (B,)
+    if per_example:
+        return per_example_loss, t
+    return per_example_loss.mean()
+
+
+def loss_by_timestep(
+    losses: torch.Tensor, t: torch.Tensor, num_steps: int, num_bins: int = 20
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average per-example losses over ``num_bins`` equal ranges of t, for a loss-vs-t plot.
+
+    Returns ``(bin_centres (num_bins,), mean_loss (num_bins,))``; empty bins hold NaN.
+    """
+    if losses.shape != t.shape or losses.ndim != 1:
+        raise ValueError(f"losses and t must both have shape (B,), got {tuple(losses.shape)} and {tuple(t.shape)}")
+    if not 1 <= num_bins <= num_steps:
+        raise ValueError(f"num_bins must lie in [1, {num_steps}], got {num_bins}")
+    bins = (t.long().cpu() * num_bins) // num_steps
+    sums = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, losses.detach().double().cpu())
+    counts = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(sums[bins]))
+    means = sums / counts  # NaN where a bin is empty
+    centres = (torch.arange(num_bins, dtype=torch.float64) + 0.5) * num_steps / num_bins
+    return centres, means

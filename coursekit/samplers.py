@@ -1,0 +1,209 @@
+"""The reverse process: painting by removing noise (notebooks 04 and 05).
+
+Every sampler is a free function with one signature::
+
+    sampler_steps(model, schedule, x_T, *, generator=None, ...) -> iterator of SamplerStep
+
+It starts from the pure-noise image ``x_T``, calls ``model(x_t, t)`` for the predicted noise,
+and yields a :class:`SamplerStep` after every step, so a notebook can animate the trajectory.
+``ddpm_sample`` / ``ddim_sample`` run the same loop and return only the final image. To
+condition on labels or use classifier-free guidance, wrap the model with :func:`with_guidance`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from coursekit.forward import posterior_mean_variance, predict_x0
+from coursekit.schedules import NoiseSchedule
+
+NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+VARIANCES = ("posterior", "beta")
+
+
+@dataclass
+class SamplerStep:
+    """The state after one reverse step."""
+
+    t: int  # the timestep that was just denoised
+    x: torch.Tensor  # the sample after the step, x_{t-1} (x_0 after the last step)
+    x0_pred: torch.Tensor  # the model's guess of the clean image at this step
+
+
+def ddpm_steps(
+    model: NoisePredictor,
+    schedule: NoiseSchedule,
+    x_T: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    variance: str = "posterior",
+    clip_x0: bool = False,
+) -> Iterator[SamplerStep]:
+    """Ancestral sampling, DDPM Algorithm 2, over every timestep T-1, ..., 0.
+
+    Each step predicts the noise, turns it into a guess of x0 (Eq. 15), and samples
+    ``x_{t-1} ~ N(mu, sigma_t^2)`` with the true posterior's mean for that guess (Eqs. 6-7; the
+    same as Eq. 11 when nothing is clipped). ``variance`` chooses sigma_t^2: ``"posterior"``
+    (beta_tilde_t, the "fixed small" choice) or ``"beta"`` (beta_t, "fixed large"); the paper
+    found both similar at 1000 steps. ``clip_x0`` clips the x0 guess to the image range [-1, 1].
+    """
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
+    x = _check_start(x_T)
+    variances = schedule.posterior_variance() if variance == "posterior" else schedule.betas
+    for step in reversed(range(schedule.num_steps)):
+        t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+        with torch.no_grad():
+            eps = model(x, t)
+        x0_pred = predict_x0(x, t, eps, schedule)
+        if clip_x0:
+            x0_pred = x0_pred.clamp(-1, 1)
+        mean, _ = posterior_mean_variance(x0_pred, x, t, schedule)
+        if step > 0:  # Algorithm 2, line 3: no noise is added on the last step
+            sigma = schedule.at(variances, t, like=x).sqrt()
+            x = mean + sigma * _randn_like(x, generator)
+        else:
+            x = mean
+        yield SamplerStep(step, x, x0_pred)
+
+
+def ddim_timesteps(num_train_steps: int, num_sampling_steps: int) -> list[int]:
+    """Evenly spaced timesteps from T-1 down to 0, ``num_sampling_steps`` of them (DDIM Sec. 4.2).
+
+    Both ends are always included, so the last step lands on a clean image.
+    """
+    if not 1 <= num_sampling_steps <= num_train_steps:
+        raise ValueError(
+            f"num_sampling_steps must lie in [1, {num_train_steps}], got {num_sampling_steps}"
+        )
+    if num_sampling_steps == 1:
+        return [num_train_steps - 1]
+    positions = torch.linspace(num_train_steps - 1, 0, num_sampling_steps, dtype=torch.float64)
+    return [int(p) for p in positions.round()]
+
+
+def ddim_steps(
+    model: NoisePredictor,
+    schedule: NoiseSchedule,
+    x_T: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    num_steps: int = 50,
+    timesteps: list[int] | None = None,
+    eta: float = 0.0,
+    clip_x0: bool = False,
+) -> Iterator[SamplerStep]:
+    """DDIM sampling (Song et al., arXiv:2010.02502v4, Eq. 12) over a subset of timesteps.
+
+    x_prev = sqrt(alpha_bar_prev) * x0_pred                      "predicted x0"
+           + sqrt(1 - alpha_bar_prev - sigma^2) * eps            "direction pointing to x_t"
+           + sigma * z                                           "random noise"
+    with sigma = eta * sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t / alpha_bar_prev)
+    (Eq. 16). ``eta = 0`` is deterministic; ``eta = 1`` over every timestep is the DDPM step with
+    the posterior variance. Pass ``timesteps`` (decreasing) to choose the subset yourself.
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    if timesteps is None:
+        timesteps = ddim_timesteps(schedule.num_steps, num_steps)
+    timesteps = [int(s) for s in timesteps]
+    if any(a <= b for a, b in zip(timesteps, timesteps[1:])) or not timesteps:
+        raise ValueError("timesteps must be a non-empty, strictly decreasing list")
+    if timesteps[0] >= schedule.num_steps or timesteps[-1] < 0:
+        raise ValueError(f"timesteps must lie in [0, {schedule.num_steps - 1}]")
+    x = _check_start(x_T)
+    for index, step in enumerate(timesteps):
+        previous = timesteps[index + 1] if index + 1 < len(timesteps) else -1
+        t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+        with torch.no_grad():
+            eps = model(x, t)
+        x0_pred = predict_x0(x, t, eps, schedule)
+        if clip_x0:
+            x0_pred = x0_pred.clamp(-1, 1)
+        alpha_bar_t = float(schedule.alpha_bar[step])
+        alpha_bar_prev = float(schedule.alpha_bar[previous]) if previous >= 0 else 1.0
+        sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)) ** 0.5
+        direction = max(1 - alpha_bar_prev - sigma**2, 0.0) ** 0.5 * eps
+        x = alpha_bar_prev**0.5 * x0_pred + direction
+        if sigma > 0:
+            x = x + sigma * _randn_like(x, generator)
+        yield SamplerStep(step, x, x0_pred)
+
+
+def ddpm_sample(model: NoisePredictor, schedule: NoiseSchedule, x_T: torch.Tensor,
+                **options) -> torch.Tensor:
+    """Run :func:`ddpm_steps` to the end and return the final images."""
+    return final_state(ddpm_steps(model, schedule, x_T, **options))
+
+
+def ddim_sample(model: NoisePredictor, schedule: NoiseSchedule, x_T: torch.Tensor,
+                **options) -> torch.Tensor:
+    """Run :func:`ddim_steps` to the end and return the final images."""
+    return final_state(ddim_steps(model, schedule, x_T, **options))
+
+
+def final_state(steps: Iterator[SamplerStep]) -> torch.Tensor:
+    """Drain a sampler's steps and return the last sample."""
+    last = None
+    for last in steps:
+        pass
+    if last is None:
+        raise ValueError("the sampler made no steps")
+    return last.x
+
+
+SAMPLERS = {"ddpm": ddpm_steps, "ddim": ddim_steps}
+
+
+def get_sampler(name: str) -> Callable[..., Iterator[SamplerStep]]:
+    """The steps function for a sampler name (``"ddpm"`` or ``"ddim"``)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def with_guidance(model: Callable[..., torch.Tensor], class_labels: torch.Tensor,
+                  guidance_scale: float = 1.0, null_label: int | None = None) -> NoisePredictor:
+    """Bind class labels to a conditional model, with classifier-free guidance (Ho & Salimans 2022).
+
+    eps = eps_uncond + w * (eps_cond - eps_uncond)     (their Eq. 6, with w = 1 + their w)
+    ``guidance_scale`` w = 1 is plain conditional sampling (one model call per step); w = 0 is
+    unconditional; w > 1 pushes samples towards their class. ``null_label`` defaults to
+    ``model.null_label``. The result has the sampler signature ``(x_t, t) -> eps``.
+    """
+    if null_label is None:
+        null_label = getattr(model, "null_label", None)
+        if null_label is None:
+            raise ValueError("the model has no null_label; pass null_label= for the 'no label' class")
+    class_labels = torch.as_tensor(class_labels)
+
+    def guided_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        labels = class_labels.to(x_t.device)
+        if labels.shape != (x_t.shape[0],):
+            raise ValueError(f"class_labels must have shape ({x_t.shape[0]},), got {tuple(labels.shape)}")
+        if guidance_scale == 1.0:
+            return model(x_t, t, class_labels=labels)
+        unconditional = torch.full_like(labels, null_label)
+        # One batched call for both halves: (2B, C, H, W)
+        eps = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                    class_labels=torch.cat([labels, unconditional]))
+        eps_cond, eps_uncond = eps.chunk(2)
+        return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+    return guided_model
+
+
+def _check_start(x_T: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x_T, torch.Tensor) or x_T.ndim < 2:
+        raise ValueError("x_T must be a batch of pure-noise samples, shape (B, ...); "
+                         "make one with torch.randn(shape, generator=...)")
+    return x_T
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
