@@ -23,6 +23,7 @@ OFFLINE_DATASET = "digits"
 
 # ----------------------------------------------------------------------------- 2-D points
 
+
 def _moons(n: int, generator: torch.Generator) -> torch.Tensor:
     upper = n // 2
     angles = torch.rand(n, generator=generator, dtype=torch.float64) * math.pi
@@ -53,7 +54,9 @@ POINT_CLOUDS = {"moons": _moons, "swiss_roll": _swiss_roll, "rings": _rings, "he
 
 
 def make_points(
-    name: str = "moons", n: int = 2000, noise: float = 0.03,
+    name: str = "moons",
+    n: int = 2000,
+    noise: float = 0.03,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """A 2-D point cloud of ``n`` points, shape (n, 2), float32, roughly within [-2, 2].
@@ -73,6 +76,7 @@ def make_points(
 
 # ----------------------------------------------------------------------------- images
 
+
 @dataclass
 class ImageDataset:
     """Images in [-1, 1] with their labels; small enough to hold as one tensor."""
@@ -85,8 +89,10 @@ class ImageDataset:
     def __post_init__(self) -> None:
         check_image_range(self.images)
         if self.labels.shape != (self.images.shape[0],):
-            raise ValueError(f"need one label per image, got {tuple(self.labels.shape)} labels "
-                             f"for {self.images.shape[0]} images")
+            raise ValueError(
+                f"need one label per image, got {tuple(self.labels.shape)} labels "
+                f"for {self.images.shape[0]} images"
+            )
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -157,25 +163,46 @@ def load_digits(size: int = 16) -> ImageDataset:
 
 TORCHVISION_DATASETS = {
     "mnist": ("MNIST", [str(d) for d in range(10)]),
-    "fashion_mnist": ("FashionMNIST", ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                                       "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]),
-    "cifar10": ("CIFAR10", ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
-                            "horse", "ship", "truck"]),
+    "fashion_mnist": (
+        "FashionMNIST",
+        [
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ],
+    ),
+    "cifar10": (
+        "CIFAR10",
+        ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+    ),
 }
 
 
-def load_torchvision(name: str, root: str | Path = "data", train: bool = True,
-                     download: bool = True) -> ImageDataset:
+def load_torchvision(
+    name: str, root: str | Path = "data", train: bool = True, download: bool = True
+) -> ImageDataset:
     """MNIST, Fashion-MNIST or CIFAR-10 through torchvision, downloaded into ``root`` on demand."""
     if name not in TORCHVISION_DATASETS:
-        raise ValueError(f"unknown torchvision dataset {name!r}; choose one of {sorted(TORCHVISION_DATASETS)}")
+        raise ValueError(
+            f"unknown torchvision dataset {name!r}; choose one of {sorted(TORCHVISION_DATASETS)}"
+        )
     import torchvision
 
     class_name, class_names = TORCHVISION_DATASETS[name]
     dataset_class = getattr(torchvision.datasets, class_name)
     try:
         dataset = dataset_class(root=str(root), train=train, download=download)
-    except (OSError, RuntimeError) as error:  # URLError is an OSError; torchvision raises RuntimeError
+    except (
+        OSError,
+        RuntimeError,
+    ) as error:  # URLError is an OSError; torchvision raises RuntimeError
         raise DatasetDownloadError(
             f"could not load {name!r} into {Path(root).resolve()} ({error}). Check the network "
             f"connection, or place the files there by hand; to work offline, use the built-in "
@@ -191,8 +218,12 @@ def load_torchvision(name: str, root: str | Path = "data", train: bool = True,
 DATASETS = ("digits", *TORCHVISION_DATASETS)
 
 
-def load_dataset(name: str = OFFLINE_DATASET, root: str | Path = "data", train: bool = True,
-                 download: bool = True) -> ImageDataset:
+def load_dataset(
+    name: str = OFFLINE_DATASET,
+    root: str | Path = "data",
+    train: bool = True,
+    download: bool = True,
+) -> ImageDataset:
     """Load an image dataset by name: ``"digits"`` (offline), ``"mnist"``, ``"fashion_mnist"``, ``"cifar10"``.
 
     ``train=False`` gives the held-out images (the test files; for digits, a fixed 20% split).

@@ -14,11 +14,14 @@ def pick_device(preferred: str | torch.device | None = None) -> torch.device:
         if device.type not in DEVICE_KINDS:
             raise ValueError(f"unknown device {preferred!r}; choose one of {DEVICE_KINDS} or 'auto'")
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU here; "
-                             "use 'auto' or 'cpu' (in Colab: Runtime > Change runtime type > GPU)")
+            raise ValueError(
+                "device 'cuda' was asked for, but PyTorch sees no CUDA GPU here; "
+                "use 'auto' or 'cpu' (in Colab: Runtime > Change runtime type > GPU)"
+            )
         if device.type == "mps" and not _mps_available():
-            raise ValueError("device 'mps' was asked for, but Apple's MPS is not available here; "
-                             "use 'auto' or 'cpu'")
+            raise ValueError(
+                "device 'mps' was asked for, but Apple's MPS is not available here; use 'auto' or 'cpu'"
+            )
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -33,8 +36,10 @@ def describe_device(device: torch.device | None = None) -> str:
     if device.type == "cuda":
         index = device.index or 0
         properties = torch.cuda.get_device_properties(index)
-        return (f"cuda: {properties.name}, {properties.total_memory / 2**30:.0f} GiB, "
-                f"bf16 {'native' if supports_native_bf16(device) else 'not native'}")
+        return (
+            f"cuda: {properties.name}, {properties.total_memory / 2**30:.0f} GiB, "
+            f"bf16 {'native' if supports_native_bf16(device) else 'not native'}"
+        )
     if device.type == "mps":
         return "mps: Apple GPU"
     return f"cpu: {torch.get_num_threads()} threads"

@@ -95,6 +95,4 @@ def _check_batch(x: torch.Tensor, t: torch.Tensor) -> None:
         raise ValueError(f"expected a batch tensor of shape (B, ...), got {shape}")
     t = torch.as_tensor(t)
     if t.ndim != 1 or len(t) != x.shape[0]:
-        raise ValueError(
-            f"t must hold one timestep per example, shape ({x.shape[0]},), got {tuple(t.shape)}"
-        )
+        raise ValueError(f"t must hold one timestep per example, shape ({x.shape[0]},), got {tuple(t.shape)}")

@@ -60,7 +60,9 @@ def loss_by_timestep(
     Returns ``(bin_centres (num_bins,), mean_loss (num_bins,))``; empty bins hold NaN.
     """
     if losses.shape != t.shape or losses.ndim != 1:
-        raise ValueError(f"losses and t must both have shape (B,), got {tuple(losses.shape)} and {tuple(t.shape)}")
+        raise ValueError(
+            f"losses and t must both have shape (B,), got {tuple(losses.shape)} and {tuple(t.shape)}"
+        )
     if not 1 <= num_bins <= num_steps:
         raise ValueError(f"num_bins must lie in [1, {num_steps}], got {num_bins}")
     bins = (t.long().cpu() * num_bins) // num_steps

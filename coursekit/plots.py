@@ -25,13 +25,12 @@ def image_grid(images: torch.Tensor, ncols: int | None = None, padding: int = 1)
     count, channels, height, width = images.shape
     ncols = ncols or max(1, int(count**0.5 + 0.999))
     nrows = -(-count // ncols)
-    grid = torch.ones(channels, nrows * (height + padding) + padding,
-                      ncols * (width + padding) + padding)
+    grid = torch.ones(channels, nrows * (height + padding) + padding, ncols * (width + padding) + padding)
     pictures = to_unit_range(images.detach().float().cpu())
     for index in range(count):
         row, col = divmod(index, ncols)
         top, left = padding + row * (height + padding), padding + col * (width + padding)
-        grid[:, top:top + height, left:left + width] = pictures[index]
+        grid[:, top : top + height, left : left + width] = pictures[index]
     return grid
 
 
@@ -49,8 +48,7 @@ def grid_to_pil(grid: torch.Tensor, scale: int = 1):
     return picture
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path, ncols: int | None = None,
-                    scale: int = 4) -> Path:
+def save_image_grid(images: torch.Tensor, path: str | Path, ncols: int | None = None, scale: int = 4) -> Path:
     """Save a batch in [-1, 1] as one PNG grid; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,8 +56,14 @@ def save_image_grid(images: torch.Tensor, path: str | Path, ncols: int | None = 
     return path
 
 
-def save_animation(frames: Sequence[torch.Tensor], path: str | Path, ncols: int | None = None,
-                   scale: int = 4, frame_ms: int = 80, hold_last_ms: int = 1500) -> Path:
+def save_animation(
+    frames: Sequence[torch.Tensor],
+    path: str | Path,
+    ncols: int | None = None,
+    scale: int = 4,
+    frame_ms: int = 80,
+    hold_last_ms: int = 1500,
+) -> Path:
     """Save a list of batches (each (N, C, H, W) in [-1, 1]) as an animated GIF of grids."""
     if not frames:
         raise ValueError("need at least one frame to animate")
@@ -71,25 +75,34 @@ def save_animation(frames: Sequence[torch.Tensor], path: str | Path, ncols: int 
     return path
 
 
-def show_images(images: torch.Tensor, ncols: int | None = None, title: str | None = None,
-                ax=None, size: float = 4.0):
+def show_images(
+    images: torch.Tensor,
+    ncols: int | None = None,
+    title: str | None = None,
+    ax=None,
+    size: float = 4.0,
+):
     """Show a batch in [-1, 1] as a grid with matplotlib; returns the axes."""
     plt = _pyplot()
     grid = image_grid(images, ncols)
     if ax is None:
         _, ax = plt.subplots(figsize=(size, size))
     if grid.shape[0] == 1:
-        ax.imshow(grid[0], cmap="gray", vmin=0, vmax=1)
+        ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1)
     else:
-        ax.imshow(grid.permute(1, 2, 0))
+        ax.imshow(grid.permute(1, 2, 0).numpy())
     ax.set_axis_off()
     if title:
         ax.set_title(title)
     return ax
 
 
-def show_noising(x0: torch.Tensor, schedule: NoiseSchedule, timesteps: Sequence[int],
-                 generator: torch.Generator | None = None):
+def show_noising(
+    x0: torch.Tensor,
+    schedule: NoiseSchedule,
+    timesteps: Sequence[int],
+    generator: torch.Generator | None = None,
+):
     """One image (C, H, W) at several noise levels, left to right; returns the figure."""
     plt = _pyplot()
     if x0.ndim != 3:
@@ -109,8 +122,8 @@ def plot_schedules(schedules: Sequence[NoiseSchedule]):
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
     for schedule in schedules:
         steps = torch.arange(schedule.num_steps)
-        left.plot(steps, schedule.alpha_bar, label=schedule.name)
-        right.plot(steps, schedule.snr().log(), label=schedule.name)
+        left.plot(steps.numpy(), schedule.alpha_bar.numpy(), label=schedule.name)
+        right.plot(steps.numpy(), schedule.snr().log().numpy(), label=schedule.name)
     left.set(xlabel="timestep t", ylabel="alpha_bar_t (signal kept)", title="How much signal is left")
     right.set(xlabel="timestep t", ylabel="log SNR", title="Signal-to-noise ratio")
     left.legend()

@@ -77,9 +77,7 @@ def ddim_timesteps(num_train_steps: int, num_sampling_steps: int) -> list[int]:
     Both ends are always included, so the last step lands on a clean image.
     """
     if not 1 <= num_sampling_steps <= num_train_steps:
-        raise ValueError(
-            f"num_sampling_steps must lie in [1, {num_train_steps}], got {num_sampling_steps}"
-        )
+        raise ValueError(f"num_sampling_steps must lie in [1, {num_train_steps}], got {num_sampling_steps}")
     if num_sampling_steps == 1:
         return [num_train_steps - 1]
     positions = torch.linspace(num_train_steps - 1, 0, num_sampling_steps, dtype=torch.float64)
@@ -106,6 +104,7 @@ def ddim_steps(
     (Eq. 16). ``eta = 0`` is deterministic; ``eta = 1`` over every timestep is the DDPM step with
     the posterior variance. Pass ``timesteps`` (decreasing) to choose the subset yourself.
     """
+    x = _check_start(x_T)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     if timesteps is None:
@@ -115,7 +114,6 @@ def ddim_steps(
         raise ValueError("timesteps must be a non-empty, strictly decreasing list")
     if timesteps[0] >= schedule.num_steps or timesteps[-1] < 0:
         raise ValueError(f"timesteps must lie in [0, {schedule.num_steps - 1}]")
-    x = _check_start(x_T)
     for index, step in enumerate(timesteps):
         previous = timesteps[index + 1] if index + 1 < len(timesteps) else -1
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
@@ -134,26 +132,24 @@ def ddim_steps(
         yield SamplerStep(step, x, x0_pred)
 
 
-def ddpm_sample(model: NoisePredictor, schedule: NoiseSchedule, x_T: torch.Tensor,
-                **options) -> torch.Tensor:
+def ddpm_sample(model: NoisePredictor, schedule: NoiseSchedule, x_T: torch.Tensor, **options) -> torch.Tensor:
     """Run :func:`ddpm_steps` to the end and return the final images."""
     return final_state(ddpm_steps(model, schedule, x_T, **options))
 
 
-def ddim_sample(model: NoisePredictor, schedule: NoiseSchedule, x_T: torch.Tensor,
-                **options) -> torch.Tensor:
+def ddim_sample(model: NoisePredictor, schedule: NoiseSchedule, x_T: torch.Tensor, **options) -> torch.Tensor:
     """Run :func:`ddim_steps` to the end and return the final images."""
     return final_state(ddim_steps(model, schedule, x_T, **options))
 
 
 def final_state(steps: Iterator[SamplerStep]) -> torch.Tensor:
     """Drain a sampler's steps and return the last sample."""
-    last = None
-    for last in steps:
-        pass
-    if last is None:
+    last_step = None
+    for step in steps:
+        last_step = step
+    if last_step is None:
         raise ValueError("the sampler made no steps")
-    return last.x
+    return last_step.x
 
 
 SAMPLERS = {"ddpm": ddpm_steps, "ddim": ddim_steps}
@@ -166,8 +162,12 @@ def get_sampler(name: str) -> Callable[..., Iterator[SamplerStep]]:
     return SAMPLERS[name]
 
 
-def with_guidance(model: Callable[..., torch.Tensor], class_labels: torch.Tensor,
-                  guidance_scale: float = 1.0, null_label: int | None = None) -> NoisePredictor:
+def with_guidance(
+    model: Callable[..., torch.Tensor],
+    class_labels: torch.Tensor,
+    guidance_scale: float = 1.0,
+    null_label: int | None = None,
+) -> NoisePredictor:
     """Bind class labels to a conditional model, with classifier-free guidance (Ho & Salimans 2022).
 
     eps = eps_uncond + w * (eps_cond - eps_uncond)     (their Eq. 6, with w = 1 + their w)
@@ -189,8 +189,11 @@ def with_guidance(model: Callable[..., torch.Tensor], class_labels: torch.Tensor
             return model(x_t, t, class_labels=labels)
         unconditional = torch.full_like(labels, null_label)
         # One batched call for both halves: (2B, C, H, W)
-        eps = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                    class_labels=torch.cat([labels, unconditional]))
+        eps = model(
+            torch.cat([x_t, x_t]),
+            torch.cat([t, t]),
+            class_labels=torch.cat([labels, unconditional]),
+        )
         eps_cond, eps_uncond = eps.chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
@@ -199,8 +202,10 @@ def with_guidance(model: Callable[..., torch.Tensor], class_labels: torch.Tensor
 
 def _check_start(x_T: torch.Tensor) -> torch.Tensor:
     if not isinstance(x_T, torch.Tensor) or x_T.ndim < 2:
-        raise ValueError("x_T must be a batch of pure-noise samples, shape (B, ...); "
-                         "make one with torch.randn(shape, generator=...)")
+        raise ValueError(
+            "x_T must be a batch of pure-noise samples, shape (B, ...); "
+            "make one with torch.randn(shape, generator=...)"
+        )
     return x_T
 
 

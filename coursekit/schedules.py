@@ -24,18 +24,17 @@ from dataclasses import dataclass
 import torch
 
 
-def linear_betas(
-    num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02
-) -> torch.Tensor:
+def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """The DDPM schedule: betas rising linearly from ``beta_start`` to ``beta_end`` (DDPM Sec. 4).
 
     The paper's values assume ``num_steps = 1000``; for other step counts the ends are rescaled
     by ``1000 / num_steps`` so that the total amount of noise stays comparable (as in Improved
-    DDPM's code).
+    DDPM's code), and capped at 0.999 for very short schedules.
     """
     _check_num_steps(num_steps)
     scale = 1000 / num_steps
-    return torch.linspace(beta_start * scale, beta_end * scale, num_steps, dtype=torch.float64)
+    betas = torch.linspace(beta_start * scale, beta_end * scale, num_steps, dtype=torch.float64)
+    return betas.clamp(max=0.999)
 
 
 def cosine_alpha_bar(t: torch.Tensor, num_steps: int, offset: float = 0.008) -> torch.Tensor:
@@ -43,6 +42,7 @@ def cosine_alpha_bar(t: torch.Tensor, num_steps: int, offset: float = 0.008) -> 
 
     ``t`` is continuous here, in the paper's units (0 = clean data, T = the last step).
     """
+
     def f(u: torch.Tensor) -> torch.Tensor:
         return torch.cos((u / num_steps + offset) / (1 + offset) * math.pi / 2) ** 2
 

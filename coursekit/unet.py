@@ -80,9 +80,7 @@ class ResidualBlock(nn.Module):
         self.norm2 = group_norm(out_channels)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.skip = (
-            nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
-        )
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
@@ -138,16 +136,23 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """The residual blocks (and optional attention) of one resolution level."""
 
-    def __init__(self, channels_in: int, channels_out: int, num_blocks: int, time_dim: int,
-                 attention: bool, num_heads: int, dropout: float):
+    def __init__(
+        self,
+        channels_in: int,
+        channels_out: int,
+        num_blocks: int,
+        time_dim: int,
+        attention: bool,
+        num_heads: int,
+        dropout: float,
+    ):
         super().__init__()
         self.blocks = nn.ModuleList(
             ResidualBlock(channels_in if i == 0 else channels_out, channels_out, time_dim, dropout)
             for i in range(num_blocks)
         )
         self.attention = nn.ModuleList(
-            SelfAttention(channels_out, num_heads) if attention else nn.Identity()
-            for _ in range(num_blocks)
+            SelfAttention(channels_out, num_heads) if attention else nn.Identity() for _ in range(num_blocks)
         )
 
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
@@ -177,9 +182,7 @@ class UNet(nn.Module):
 
         # 1. Time (and class) embedding: (B,) -> (B, time_dim)
         self.time_embedding = TimeEmbedding(time_dim)
-        self.class_embedding = (
-            nn.Embedding(config.num_classes + 1, time_dim) if config.num_classes else None
-        )
+        self.class_embedding = nn.Embedding(config.num_classes + 1, time_dim) if config.num_classes else None
         # 2. Stem: image channels -> base channels
         self.stem = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
         # 3. Down path: a level per resolution, halving the size between levels
@@ -187,9 +190,17 @@ class UNet(nn.Module):
         self.downsamples = nn.ModuleList()
         previous = channels[0]
         for level, width in enumerate(channels):
-            self.down_levels.append(Level(previous, width, config.num_res_blocks, time_dim,
-                                          level in config.attention_levels, config.num_heads,
-                                          config.dropout))
+            self.down_levels.append(
+                Level(
+                    previous,
+                    width,
+                    config.num_res_blocks,
+                    time_dim,
+                    level in config.attention_levels,
+                    config.num_heads,
+                    config.dropout,
+                )
+            )
             if level < len(channels) - 1:
                 self.downsamples.append(Downsample(width))
             previous = width
@@ -204,9 +215,17 @@ class UNet(nn.Module):
             width = channels[level]
             if level < len(channels) - 1:
                 self.upsamples.append(Upsample(previous))
-            self.up_levels.append(Level(previous + width, width, config.num_res_blocks, time_dim,
-                                        level in config.attention_levels, config.num_heads,
-                                        config.dropout))
+            self.up_levels.append(
+                Level(
+                    previous + width,
+                    width,
+                    config.num_res_blocks,
+                    time_dim,
+                    level in config.attention_levels,
+                    config.num_heads,
+                    config.dropout,
+                )
+            )
             previous = width
         # 6. Head: back to image channels. Zero-initialised, so training starts from "predict 0".
         self.head_norm = group_norm(previous)
@@ -221,8 +240,9 @@ class UNet(nn.Module):
             raise ValueError("this UNet is unconditional: build it with num_classes=... for labels")
         return self.config.num_classes
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         t = self._check_inputs(x_t, t, class_labels)
         # 1. Embedding of t (plus the class label), shared by every residual block
         emb = self.time_embedding(t)  # (B, time_dim)
@@ -249,8 +269,9 @@ class UNet(nn.Module):
         # 5. Head
         return self.head(F.silu(self.head_norm(h)))  # (B, C_in, H, W)
 
-    def _check_inputs(self, x_t: torch.Tensor, t: torch.Tensor,
-                      class_labels: torch.Tensor | None) -> torch.Tensor:
+    def _check_inputs(
+        self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None
+    ) -> torch.Tensor:
         channels = self.config.in_channels
         if not isinstance(x_t, torch.Tensor) or x_t.ndim != 4 or x_t.shape[1] != channels:
             shape = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
@@ -262,13 +283,17 @@ class UNet(nn.Module):
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         if t.shape != (x_t.shape[0],):
-            raise ValueError(f"t must have shape ({x_t.shape[0]},), one timestep per image, got {tuple(t.shape)}")
+            raise ValueError(
+                f"t must have shape ({x_t.shape[0]},), one timestep per image, got {tuple(t.shape)}"
+            )
         if class_labels is not None:
             if self.config.num_classes is None:
                 raise ValueError("class_labels given to an unconditional UNet; build it with num_classes=...")
             class_labels = torch.as_tensor(class_labels)
             if class_labels.shape != (x_t.shape[0],):
-                raise ValueError(f"class_labels must have shape ({x_t.shape[0]},), got {tuple(class_labels.shape)}")
+                raise ValueError(
+                    f"class_labels must have shape ({x_t.shape[0]},), got {tuple(class_labels.shape)}"
+                )
             if int(class_labels.min()) < 0 or int(class_labels.max()) > self.config.num_classes:
                 raise ValueError(
                     f"class_labels must lie in [0, {self.config.num_classes}] "

@@ -1,0 +1,153 @@
+"""Samplers tested with no training: for Gaussian data the best noise predictor is known exactly."""
+
+import pytest
+import torch
+
+from coursekit.oracle import GaussianOracle
+from coursekit.samplers import (
+    ddim_sample,
+    ddim_steps,
+    ddim_timesteps,
+    ddpm_sample,
+    ddpm_steps,
+    get_sampler,
+    with_guidance,
+)
+from coursekit.schedules import make_schedule
+
+MEAN = torch.tensor([0.5, -1.0, 0.0], dtype=torch.float64)
+STD = torch.tensor([0.3, 1.5, 1.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("name", "variance"), [("linear", "posterior"), ("linear", "beta"), ("cosine", "posterior")]
+)
+def test_ddpm_with_the_oracle_reproduces_the_data_distribution(name, variance):
+    schedule = make_schedule(name, 1000)
+    oracle = GaussianOracle(MEAN, STD, schedule)
+    generator = torch.Generator().manual_seed(0)
+    x_T = torch.randn(100_000, 3, dtype=torch.float64, generator=generator)
+    samples = ddpm_sample(oracle, schedule, x_T, generator=generator, variance=variance)
+    mean_error = (samples.mean(0) - MEAN).abs().max().item()
+    std_error = ((samples.std(0) - STD) / STD).abs().max().item()
+    print(f"DDPM {name}/{variance}: mean error {mean_error:.4f}, relative std error {std_error:.4f}")
+    assert mean_error < 0.025
+    assert std_error < 0.02
+
+
+def _affine_moments(sampler, schedule, **options):
+    """With the oracle, deterministic DDIM is affine per coordinate: x_0 = A x_T + c.
+
+    Pushing x_T = 0 and x_T = 1 through it gives c and A exactly, so the output distribution for
+    x_T ~ N(0, 1) is N(c, A^2): exact moments, no sampling error.
+    """
+    oracle = GaussianOracle(MEAN, STD, schedule)
+    x_T = torch.stack([torch.zeros(3), torch.ones(3)]).double()
+    out = sampler(oracle, schedule, x_T, **options)
+    return out[0], (out[1] - out[0]).abs()
+
+
+@pytest.mark.parametrize(
+    ("name", "num_steps", "tolerance"),
+    [
+        ("linear", 200, 0.025),
+        ("linear", 1000, 0.006),
+        ("cosine", 200, 0.015),
+        ("cosine", 1000, 0.004),
+    ],
+)
+def test_ddim_with_the_oracle_reproduces_the_data_distribution(name, num_steps, tolerance):
+    schedule = make_schedule(name, 1000)
+    mean, std = _affine_moments(ddim_sample, schedule, num_steps=num_steps)
+    mean_error = (mean - MEAN).abs().max().item()
+    std_error = ((std - STD) / STD).abs().max().item()
+    print(f"DDIM {name}/{num_steps}: mean error {mean_error:.2e}, relative std error {std_error:.4f}")
+    # The linear schedule ends at alpha_bar = 4e-5, not 0: starting from N(0, I) shifts the mean
+    # by about 0.01; the cosine schedule ends much closer to pure noise.
+    assert mean_error < (0.012 if name == "linear" else 1e-3)
+    assert std_error < tolerance
+
+
+def test_fewer_ddim_steps_are_less_exact():
+    schedule = make_schedule("cosine", 1000)
+    errors = []
+    for num_steps in (20, 50, 200, 1000):
+        _, std = _affine_moments(ddim_sample, schedule, num_steps=num_steps)
+        errors.append(((std - STD) / STD).abs().max().item())
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_ddim_with_eta_one_on_every_step_is_the_ddpm_posterior_step():
+    schedule = make_schedule("linear", 1000)
+    oracle = GaussianOracle(MEAN, STD, schedule)
+    x_T = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ddpm = ddpm_sample(oracle, schedule, x_T, generator=torch.Generator().manual_seed(4))
+    ddim = ddim_sample(
+        oracle, schedule, x_T, generator=torch.Generator().manual_seed(4), num_steps=1000, eta=1.0
+    )
+    assert torch.allclose(ddpm, ddim, atol=1e-9)
+
+
+def test_ddim_with_eta_zero_is_deterministic_and_ddpm_is_not():
+    schedule = make_schedule("cosine", 100)
+    oracle = GaussianOracle(MEAN, STD, schedule)
+    x_T = torch.randn(16, 3, dtype=torch.float64)
+    first = ddim_sample(oracle, schedule, x_T, num_steps=10, generator=torch.Generator().manual_seed(0))
+    second = ddim_sample(oracle, schedule, x_T, num_steps=10, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(first, second)
+    first = ddpm_sample(oracle, schedule, x_T, generator=torch.Generator().manual_seed(0))
+    second = ddpm_sample(oracle, schedule, x_T, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(first, second)
+
+
+def test_samplers_yield_every_intermediate_state():
+    schedule = make_schedule("linear", 50)
+    oracle = GaussianOracle(MEAN, STD, schedule)
+    x_T = torch.randn(4, 3, dtype=torch.float64)
+    steps = list(ddpm_steps(oracle, schedule, x_T))
+    assert [s.t for s in steps] == list(range(49, -1, -1))
+    assert all(s.x.shape == x_T.shape and s.x0_pred.shape == x_T.shape for s in steps)
+    steps = list(ddim_steps(oracle, schedule, x_T, timesteps=[40, 20, 5]))
+    assert [s.t for s in steps] == [40, 20, 5]
+
+
+def test_ddim_timesteps_cover_both_ends_evenly():
+    assert ddim_timesteps(1000, 5) == [999, 749, 500, 250, 0]
+    assert ddim_timesteps(1000, 1000) == list(range(999, -1, -1))
+    assert ddim_timesteps(10, 1) == [9]
+    with pytest.raises(ValueError, match=r"\[1, 1000\]"):
+        ddim_timesteps(1000, 1001)
+
+
+def test_classifier_free_guidance_combines_the_two_predictions():
+    calls = []
+
+    def model(x_t, t, class_labels):
+        calls.append(class_labels.clone())
+        return x_t * 0 + class_labels[:, None].double()  # eps = the label, to see the mixture
+
+    labels = torch.tensor([2, 5])
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    t = torch.zeros(2, dtype=torch.long)
+    guided = with_guidance(model, labels, guidance_scale=3.0, null_label=10)
+    # eps = eps_u + w (eps_c - eps_u) = 10 + 3 * (label - 10)
+    assert torch.equal(guided(x, t), torch.tensor([[-14.0] * 3, [-5.0] * 3], dtype=torch.float64))
+    assert torch.equal(calls[-1], torch.tensor([2, 5, 10, 10]))
+    plain = with_guidance(model, labels, guidance_scale=1.0, null_label=10)
+    assert torch.equal(plain(x, t)[:, 0], torch.tensor([2.0, 5.0], dtype=torch.float64))
+    assert len(calls[-1]) == 2  # w = 1 needs one call, not two
+
+
+def test_bad_sampler_input_raises_clear_errors():
+    schedule = make_schedule("linear", 10)
+    oracle = GaussianOracle(0.0, 1.0, schedule)
+    with pytest.raises(ValueError, match="choose one of"):
+        get_sampler("euler")
+    with pytest.raises(ValueError, match="variance"):
+        ddpm_sample(oracle, schedule, torch.zeros(2, 2), variance="large")
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        ddim_sample(oracle, schedule, torch.zeros(2, 2), timesteps=[3, 5])
+    with pytest.raises(ValueError, match="x_T"):
+        ddim_sample(oracle, schedule, torch.zeros(2))
+    with pytest.raises(ValueError, match="null_label"):
+        with_guidance(lambda x, t, class_labels: x, torch.tensor([1]), 2.0)
