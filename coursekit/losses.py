@@ -71,3 +71,39 @@ def loss_by_timestep(
     means = sums / counts  # NaN where a bin is empty
     centres = (torch.arange(num_bins, dtype=torch.float64) + 0.5) * num_steps / num_bins
     return centres, means
+
+
+def diffusion_loss(
+    schedule: NoiseSchedule,
+    conditional: bool = False,
+    label_dropout: float = 0.0,
+    null_label: int | None = None,
+) -> Callable[[NoisePredictor, tuple, torch.Generator | None], torch.Tensor]:
+    """The ``loss_fn(model, batch, generator)`` that :func:`coursekit.training.train` expects.
+
+    ``batch`` is ``(images,)`` or ``(images, labels)``. With ``conditional=True`` the labels go to
+    the model, and a share ``label_dropout`` of them is replaced by ``null_label`` ("no label"),
+    so that one model learns both the conditional and the unconditional prediction that
+    classifier-free guidance mixes (Ho & Salimans 2022, Algorithm 1).
+    """
+    if not 0 <= label_dropout < 1:
+        raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}")
+    if conditional and label_dropout > 0 and null_label is None:
+        raise ValueError("label dropout needs the model's null_label (the 'no label' class index)")
+
+    def loss_fn(
+        model: NoisePredictor, batch: tuple, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        images = batch[0]
+        labels = None
+        if conditional:
+            if len(batch) < 2:
+                raise ValueError("conditional training needs (images, labels) batches")
+            labels = batch[1]
+            if label_dropout > 0:
+                draw_device = generator.device if generator is not None else labels.device
+                drop = torch.rand(labels.shape, generator=generator, device=draw_device) < label_dropout
+                labels = torch.where(drop.to(labels.device), torch.full_like(labels, null_label), labels)
+        return noise_prediction_loss(model, images, schedule, class_labels=labels, generator=generator)
+
+    return loss_fn

@@ -26,7 +26,7 @@ class UNetConfig:
     base_channels: int = 32  # channels at full resolution
     channel_multipliers: tuple[int, ...] = (1, 2, 2)  # one entry per resolution level
     num_res_blocks: int = 1  # residual blocks per level on the way down (and up)
-    attention_levels: tuple[int, ...] = (2,)  # levels (0 = full resolution) with self-attention
+    attention_levels: tuple[int, ...] = (-1,)  # levels with self-attention: 0 = full size, -1 = lowest
     num_classes: int | None = None  # set to condition on class labels (adds a "no label" token)
     dropout: float = 0.0  # dropout inside residual blocks
     num_heads: int = 1  # attention heads
@@ -39,14 +39,19 @@ class UNetConfig:
         if not self.channel_multipliers or min(self.channel_multipliers) < 1:
             raise ValueError(f"channel_multipliers must be positive integers, got {self.channel_multipliers}")
         levels = len(self.channel_multipliers)
-        bad = [level for level in self.attention_levels if not 0 <= level < levels]
+        bad = [level for level in self.attention_levels if not -levels <= level < levels]
         if bad:
-            raise ValueError(f"attention_levels must lie in [0, {levels - 1}], got {bad}")
+            raise ValueError(f"attention_levels must lie in [{-levels}, {levels - 1}], got {bad}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes must be None or positive, got {self.num_classes}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def has_attention(self, level: int) -> bool:
+        """Whether resolution ``level`` (0 = full size) gets self-attention; negative counts from the end."""
+        levels = len(self.channel_multipliers)
+        return level in self.attention_levels or level - levels in self.attention_levels
 
 
 def group_norm(channels: int, max_groups: int = 8) -> nn.GroupNorm:
@@ -196,7 +201,7 @@ class UNet(nn.Module):
                     width,
                     config.num_res_blocks,
                     time_dim,
-                    level in config.attention_levels,
+                    config.has_attention(level),
                     config.num_heads,
                     config.dropout,
                 )
@@ -221,7 +226,7 @@ class UNet(nn.Module):
                     width,
                     config.num_res_blocks,
                     time_dim,
-                    level in config.attention_levels,
+                    config.has_attention(level),
                     config.num_heads,
                     config.dropout,
                 )

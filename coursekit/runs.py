@@ -1,0 +1,150 @@
+"""A run folder: train a diffusion model on a dataset, load it back, sample from it.
+
+This is the glue the command line and the later notebooks use; each piece it calls is built in
+its own notebook first. A run folder holds ``checkpoint.pt`` (weights, EMA weights, optimizer,
+RNG states, and the model, schedule and dataset settings needed to rebuild everything).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from coursekit.checkpoints import CheckpointError, load_checkpoint, load_model_weights
+from coursekit.data import ImageDataset
+from coursekit.device import pick_device
+from coursekit.losses import diffusion_loss
+from coursekit.samplers import get_sampler, with_guidance
+from coursekit.schedules import NoiseSchedule, make_schedule
+from coursekit.training import CHECKPOINT_NAME, TrainConfig, TrainState, train
+from coursekit.unet import UNet, UNetConfig
+
+
+@dataclass
+class LoadedRun:
+    """A trained model read back from a run folder."""
+
+    model: UNet  # with the EMA weights, in eval mode
+    schedule: NoiseSchedule
+    metadata: dict  # dataset name, image shape, class names, model and schedule settings
+    step: int  # training steps behind these weights
+    loss_history: list  # (step, mean loss) pairs
+
+
+def train_diffusion(
+    dataset: ImageDataset,
+    run_dir: str | Path,
+    model_config: UNetConfig | None = None,
+    schedule_name: str = "cosine",
+    num_timesteps: int = 1000,
+    train_config: TrainConfig | None = None,
+    conditional: bool = False,
+    label_dropout: float = 0.1,
+    callback=None,
+) -> TrainState:
+    """Train a U-Net noise predictor on ``dataset`` into ``run_dir`` (resuming if it holds a run)."""
+    channels = dataset.image_shape[0]
+    model_config = model_config or UNetConfig(in_channels=channels)
+    if model_config.in_channels != channels:
+        raise ValueError(f"the model expects {model_config.in_channels} channels, the data has {channels}")
+    if conditional and model_config.num_classes is None:
+        model_config = UNetConfig(**{**model_config.to_dict(), "num_classes": dataset.num_classes})
+    model = UNet(model_config)
+    schedule = make_schedule(schedule_name, num_timesteps)
+    loss_fn = diffusion_loss(
+        schedule,
+        conditional=conditional,
+        label_dropout=label_dropout if conditional else 0.0,
+        null_label=model_config.num_classes,
+    )
+    metadata = {
+        "model_config": model_config.to_dict(),
+        "schedule": {"name": schedule_name, "num_steps": num_timesteps},
+        "dataset": dataset.name,
+        "image_shape": list(dataset.image_shape),
+        "class_names": list(dataset.class_names),
+        "conditional": conditional,
+    }
+    return train(model, dataset, loss_fn, train_config, run_dir=run_dir, callback=callback, metadata=metadata)
+
+
+def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> LoadedRun:
+    """Read a run folder's checkpoint back into a model (EMA weights) and its schedule."""
+    path = Path(run_dir) / CHECKPOINT_NAME
+    payload = load_checkpoint(path)
+    metadata = payload.get("metadata") or {}
+    if "model_config" not in metadata or "schedule" not in metadata:
+        raise CheckpointError(f"{path} holds no model settings; it was not written by train_diffusion")
+    config = metadata["model_config"]
+    config = UNetConfig(
+        **{
+            **config,
+            "channel_multipliers": tuple(config["channel_multipliers"]),
+            "attention_levels": tuple(config["attention_levels"]),
+        }
+    )
+    model = UNet(config)
+    load_model_weights(model, payload["ema"], path)
+    schedule = make_schedule(metadata["schedule"]["name"], metadata["schedule"]["num_steps"])
+    return LoadedRun(
+        model.to(pick_device(device)).eval(),
+        schedule,
+        metadata,
+        int(payload["step"]),
+        payload.get("loss_history", []),
+    )
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    schedule: NoiseSchedule,
+    image_shape: tuple[int, int, int],
+    count: int,
+    sampler: str = "ddim",
+    num_steps: int = 50,
+    eta: float = 0.0,
+    class_labels: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 250,
+    frames: int = 0,
+    clip_x0: bool = True,
+    progress: bool = True,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Draw ``count`` images in batches; returns ``(images on the CPU, frames)``.
+
+    ``frames > 0`` keeps about that many snapshots of the first batch's trajectory (for a GIF).
+    ``num_steps`` and ``eta`` apply to DDIM; DDPM always takes every step.
+    """
+    if count < 1:
+        raise ValueError(f"count must be positive, got {count}")
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    steps_function = get_sampler(sampler)
+    options = {"num_steps": num_steps, "eta": eta} if sampler == "ddim" else {}
+    total_steps = num_steps if sampler == "ddim" else schedule.num_steps
+    keep_every = max(1, total_steps // frames) if frames else 0
+    images, snapshots = [], []
+    bar = tqdm(total=count, desc=f"sampling ({sampler})", unit="img", disable=not progress)
+    for start in range(0, count, batch_size):
+        size = min(batch_size, count - start)
+        x_T = torch.randn((size, *image_shape), generator=generator).to(device)
+        predictor = model
+        if class_labels is not None:
+            labels = torch.as_tensor(class_labels)[start : start + size].to(device)
+            predictor = with_guidance(model, labels, guidance_scale)
+        if start == 0 and frames:
+            snapshots.append(x_T.cpu())
+        steps = steps_function(predictor, schedule, x_T, generator=generator, clip_x0=clip_x0, **options)
+        for index, step in enumerate(steps):
+            is_last = index + 1 == total_steps
+            if start == 0 and frames and ((index + 1) % keep_every == 0 or is_last):
+                snapshots.append(step.x.cpu())
+        images.append(step.x.clamp(-1, 1).cpu())
+        bar.update(size)
+    bar.close()
+    return torch.cat(images), snapshots
