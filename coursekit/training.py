@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -174,7 +175,7 @@ def _grad_scaler(device: torch.device, enabled: bool):
     return torch.cuda.amp.GradScaler(enabled=enabled)
 
 
-def _autocast(device: torch.device, precision: str):
+def precision_context(device: torch.device, precision: str):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
@@ -189,7 +190,7 @@ def _bf16_is_faster_on_cpu(model, batches, loss_fn, repeats: int = 3) -> bool:
     for precision in ("fp32", "bf16", "fp32", "bf16"):  # twice each; keep the faster
         start = time.perf_counter()
         for _ in range(repeats):
-            with _autocast(torch.device("cpu"), precision):
+            with precision_context(torch.device("cpu"), precision):
                 loss = loss_fn(trial, batch, generator)
             loss.backward()
         timings[precision] = min(timings.get(precision, math.inf), time.perf_counter() - start)
@@ -265,7 +266,7 @@ def train(
                 group["lr"] = config.learning_rate * min(1.0, (state.step + 1) / max(1, config.warmup_steps))
             # 2. Guess the noise and compare
             batch = next(batches)
-            with _autocast(device, precision):
+            with precision_context(device, precision):
                 loss = loss_fn(model, batch, generator)
             # 3. Backpropagate (scaled for fp16), clip, and update the weights and their average
             optimizer.zero_grad(set_to_none=True)
@@ -356,12 +357,15 @@ def _restore(payload, path, model, ema, optimizer, scaler, generator, state) -> 
         if payload["scaler"]:
             scaler.load_state_dict(payload["scaler"])
         rng = payload["rng"]
-        if rng["generator_device"] != str(generator.device):
-            raise CheckpointError(
-                f"{path} was trained on {rng['generator_device']} and cannot resume exactly on "
-                f"{generator.device}; resume on the same kind of device, or start a new run folder"
+        if rng["generator_device"] == str(generator.device):
+            generator.set_state(rng["generator"].cpu())
+        else:  # e.g. trained on a Colab GPU, resumed on a laptop: carry on, but not bit for bit
+            warnings.warn(
+                f"{path} was trained on {rng['generator_device']} and resumes on {generator.device}: "
+                "training continues, but the random draws differ from an uninterrupted run",
+                stacklevel=3,
             )
-        generator.set_state(rng["generator"].cpu())
+            generator.manual_seed(generator.initial_seed() + int(payload["step"]))
         torch.set_rng_state(rng["torch"].cpu())
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
