@@ -10,8 +10,11 @@ DEVICE_KINDS = ("cuda", "mps", "cpu")
 def pick_device(preferred: str | torch.device | None = None) -> torch.device:
     """The device to use: ``preferred`` if given (and present), else cuda, then mps, then cpu."""
     if preferred is not None and str(preferred) != "auto":
-        device = torch.device(preferred)
-        if device.type not in DEVICE_KINDS:
+        try:
+            device = torch.device(preferred)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in DEVICE_KINDS:
             raise ValueError(f"unknown device {preferred!r}; choose one of {DEVICE_KINDS} or 'auto'")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(
@@ -60,3 +63,26 @@ def supports_native_bf16(device: torch.device) -> bool:
 def _mps_available() -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
+
+
+def in_colab() -> bool:
+    """True inside Google Colab."""
+    import sys
+
+    return "google.colab" in sys.modules
+
+
+def environment_report(device: torch.device | None = None) -> str:
+    """A few lines for the top of a notebook: versions, the device, and a hint when Colab has no GPU."""
+    import platform
+
+    import coursekit
+
+    lines = [
+        f"python {platform.python_version()}, torch {torch.__version__}, coursekit {coursekit.__version__}",
+        f"device: {describe_device(device)}",
+    ]
+    if in_colab() and not torch.cuda.is_available():
+        lines.append("hint: this Colab session has no GPU. Everything still runs on the CPU (slower); for a "
+                     "GPU choose Runtime > Change runtime type > T4 GPU, then run the notebook again.")
+    return "\n".join(lines)

@@ -23,6 +23,9 @@ from coursekit.training import CHECKPOINT_NAME, TrainConfig, TrainState, train
 from coursekit.unet import UNet, UNetConfig
 
 
+SHIPPED_CHECKPOINT = Path(__file__).parent / "assets" / "digits_unet.pt"
+
+
 @dataclass
 class LoadedRun:
     """A trained model read back from a run folder."""
@@ -73,7 +76,18 @@ def train_diffusion(
 
 def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> LoadedRun:
     """Read a run folder's checkpoint back into a model (EMA weights) and its schedule."""
-    path = Path(run_dir) / CHECKPOINT_NAME
+    return _load_model(Path(run_dir) / CHECKPOINT_NAME, device)
+
+
+def load_shipped_model(device: str | torch.device | None = None) -> LoadedRun:
+    """The small U-Net trained on the built-in digits that ships with coursekit (notebook 04).
+
+    Made by ``python tools/make_shipped_checkpoint.py``; for learners who skipped training.
+    """
+    return _load_model(SHIPPED_CHECKPOINT, device)
+
+
+def _load_model(path: Path, device: str | torch.device | None) -> LoadedRun:
     payload = load_checkpoint(path)
     metadata = payload.get("metadata") or {}
     if "model_config" not in metadata or "schedule" not in metadata:
@@ -87,7 +101,7 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> L
         }
     )
     model = UNet(config)
-    load_model_weights(model, payload["ema"], path)
+    load_model_weights(model, {name: t.float() if t.is_floating_point() else t for name, t in payload["ema"].items()}, path)
     schedule = make_schedule(metadata["schedule"]["name"], metadata["schedule"]["num_steps"])
     return LoadedRun(
         model.to(pick_device(device)).eval(),

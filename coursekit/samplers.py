@@ -42,6 +42,7 @@ def ddpm_steps(
     generator: torch.Generator | None = None,
     variance: str = "posterior",
     clip_x0: bool = False,
+    start_t: int | None = None,
 ) -> Iterator[SamplerStep]:
     """Ancestral sampling, DDPM Algorithm 2, over every timestep T-1, ..., 0.
 
@@ -50,12 +51,17 @@ def ddpm_steps(
     same as Eq. 11 when nothing is clipped). ``variance`` chooses sigma_t^2: ``"posterior"``
     (beta_tilde_t, the "fixed small" choice) or ``"beta"`` (beta_t, "fixed large"); the paper
     found both similar at 1000 steps. ``clip_x0`` clips the x0 guess to the image range [-1, 1].
+    ``start_t`` starts part-way: ``x_T`` is then a partly noised ``x_{start_t}`` (for example from
+    ``add_noise``), and the loop runs start_t, ..., 0 (notebook 04's experiments, and editing).
     """
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
     x = _check_start(x_T)
+    start_t = schedule.num_steps - 1 if start_t is None else int(start_t)
+    if not 0 <= start_t < schedule.num_steps:
+        raise ValueError(f"start_t must lie in [0, {schedule.num_steps - 1}], got {start_t}")
     variances = schedule.posterior_variance() if variance == "posterior" else schedule.betas
-    for step in reversed(range(schedule.num_steps)):
+    for step in reversed(range(start_t + 1)):
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
         with torch.no_grad():
             eps = model(x, t)

@@ -151,3 +151,20 @@ def test_bad_sampler_input_raises_clear_errors():
         ddim_sample(oracle, schedule, torch.zeros(2))
     with pytest.raises(ValueError, match="null_label"):
         with_guidance(lambda x, t, class_labels: x, torch.tensor([1]), 2.0)
+
+
+def test_ddpm_can_start_part_way_from_a_noised_sample():
+    schedule = make_schedule("linear", 1000)
+    oracle = GaussianOracle(MEAN, STD, schedule)
+    generator = torch.Generator().manual_seed(5)
+    x0 = oracle.sample_data(50_000, generator=generator)
+    from coursekit.forward import add_noise
+
+    x_t, _ = add_noise(x0, torch.full((len(x0),), 300), schedule, generator=generator)
+    steps = list(ddpm_steps(oracle, schedule, x_t, generator=generator, start_t=300))
+    assert [s.t for s in steps][:2] == [300, 299] and steps[-1].t == 0
+    samples = steps[-1].x
+    assert (samples.mean(0) - MEAN).abs().max() < 0.03
+    assert ((samples.std(0) - STD) / STD).abs().max() < 0.03
+    with pytest.raises(ValueError, match="start_t"):
+        ddpm_sample(oracle, schedule, x_t[:2], start_t=1000)
