@@ -35,11 +35,18 @@ def save_checkpoint(payload: dict, path: str | Path) -> Path:
             torch.save({**payload, "format_version": FORMAT_VERSION}, file)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes files private; use the usual mode
         os.replace(temporary, path)  # atomic on POSIX and Windows, on the same file system
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -83,6 +83,8 @@ def environment_report(device: torch.device | None = None) -> str:
         f"device: {describe_device(device)}",
     ]
     if in_colab() and not torch.cuda.is_available():
-        lines.append("hint: this Colab session has no GPU. Everything still runs on the CPU (slower); for a "
-                     "GPU choose Runtime > Change runtime type > T4 GPU, then run the notebook again.")
+        lines.append(
+            "hint: this Colab session has no GPU. Everything still runs on the CPU (slower); for a "
+            "GPU choose Runtime > Change runtime type > T4 GPU, then run the notebook again."
+        )
     return "\n".join(lines)

@@ -22,7 +22,6 @@ from coursekit.schedules import NoiseSchedule, make_schedule
 from coursekit.training import CHECKPOINT_NAME, TrainConfig, TrainState, train
 from coursekit.unet import UNet, UNetConfig
 
-
 SHIPPED_CHECKPOINT = Path(__file__).parent / "assets" / "digits_unet.pt"
 
 
@@ -101,7 +100,9 @@ def _load_model(path: Path, device: str | torch.device | None) -> LoadedRun:
         }
     )
     model = UNet(config)
-    load_model_weights(model, {name: t.float() if t.is_floating_point() else t for name, t in payload["ema"].items()}, path)
+    load_model_weights(
+        model, {name: t.float() if t.is_floating_point() else t for name, t in payload["ema"].items()}, path
+    )
     schedule = make_schedule(metadata["schedule"]["name"], metadata["schedule"]["num_steps"])
     return LoadedRun(
         model.to(pick_device(device)).eval(),

@@ -37,8 +37,9 @@ class SliderFigure:
         start = self.values[0] if start is None else start
         if start not in self.values:
             raise ValueError(f"start {start!r} is not one of the slider's values")
-        self.slider = ipywidgets.SelectionSlider(options=self.values, value=start, description=description,
-                                                 continuous_update=False)
+        self.slider = ipywidgets.SelectionSlider(
+            options=self.values, value=start, description=description, continuous_update=False
+        )
         self.image = ipywidgets.Image(format="png", value=figure_to_png(draw(start)))
         self.slider.observe(self._redraw, names="value")
         self.widget = ipywidgets.VBox([self.slider, self.image])
@@ -53,5 +54,7 @@ class SliderFigure:
             bundle = bundle[0]
         bundle = dict(bundle)
         bundle["image/png"] = base64.b64encode(self.static_png).decode("ascii")
-        bundle["text/plain"] = f"<slider over {len(self.values)} values; a static figure where widgets cannot run>"
+        bundle["text/plain"] = (
+            f"<slider over {len(self.values)} values; a static figure where widgets cannot run>"
+        )
         return bundle

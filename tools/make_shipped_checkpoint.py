@@ -24,8 +24,14 @@ STEPS = 3000
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as run_dir:
-        config = TrainConfig(max_steps=STEPS, precision="fp32", device="cpu", seed=0, checkpoint_every_steps=None,
-                             checkpoint_every_minutes=None)
+        config = TrainConfig(
+            max_steps=STEPS,
+            precision="fp32",
+            device="cpu",
+            seed=0,
+            checkpoint_every_steps=None,
+            checkpoint_every_minutes=None,
+        )
         state = train_diffusion(load_dataset("digits"), run_dir, train_config=config)
         payload = load_checkpoint(Path(run_dir) / "checkpoint.pt")
     shipped = {
@@ -37,8 +43,9 @@ def main() -> None:
     }
     save_checkpoint(shipped, SHIPPED_CHECKPOINT)
     size = SHIPPED_CHECKPOINT.stat().st_size / 1e6
-    print(f"{state.step} steps, final loss {state.loss_history[-1][1]:.4f}; wrote {SHIPPED_CHECKPOINT} ({size:.1f} MB)")
-    assert torch.isfinite(torch.tensor(state.loss_history[-1][1]))
+    final_loss = state.loss_history[-1][1]
+    print(f"{state.step} steps, final loss {final_loss:.4f}; wrote {SHIPPED_CHECKPOINT} ({size:.1f} MB)")
+    assert torch.isfinite(torch.tensor(final_loss))
 
 
 if __name__ == "__main__":
