@@ -19,9 +19,7 @@ from common import machine
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--run", default="runs/bench-quality")

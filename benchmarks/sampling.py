@@ -26,9 +26,7 @@ SAMPLERS = {"DDPM, 1000 steps": dict(sampler="ddpm"), "DDIM, 50 steps": dict(sam
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/demo", help="a trained run folder (optional)")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--device", default="auto")

@@ -93,9 +93,7 @@ def matched_diffusers_unet(target_parameters: int, size: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="auto")
@@ -110,9 +108,7 @@ def main() -> None:
     ours = UNet(UNetConfig(in_channels=1)).to(device)
     candidates = {"coursekit UNet": ours}
     try:
-        candidates["diffusers UNet2DModel"] = matched_diffusers_unet(count_parameters(ours), args.size).to(
-            device
-        )
+        candidates["diffusers UNet2DModel"] = matched_diffusers_unet(count_parameters(ours), args.size).to(device)
     except ImportError:
         print("diffusers is not installed: pip install -e '.[diffusers]' to compare with UNet2DModel")
 

@@ -71,9 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="classifier-free guidance: 1 = plain conditional, >1 = stronger (default: 1)",
     )
-    sample.add_argument(
-        "--out", default=None, help="folder for samples.png and reverse.gif (default: the run)"
-    )
+    sample.add_argument("--out", default=None, help="folder for samples.png and reverse.gif (default: the run)")
     sample.set_defaults(handler=run_sample)
 
     evaluate = commands.add_parser(
@@ -95,13 +93,72 @@ def build_parser() -> argparse.ArgumentParser:
         "whatever device is here, then sample, animate and score.",
     )
     demo.add_argument("--run", default="runs/demo", help="run folder (default: %(default)s)")
-    demo.add_argument(
-        "--minutes", type=float, default=4.0, help="training time budget (default: %(default)s)"
-    )
+    demo.add_argument("--minutes", type=float, default=4.0, help="training time budget (default: %(default)s)")
     demo.add_argument("--samples", type=int, default=1000, help="samples to score (default: %(default)s)")
     demo.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default: %(default)s)")
     demo.set_defaults(handler=run_demo)
+
+    grade = commands.add_parser(
+        "grade",
+        help="grade a folder of submitted exercise notebooks into a CSV",
+        description="Run each submission in a fresh kernel on a copy, call the "
+        "learner's functions on the grader's own inputs, and write a CSV gradebook "
+        "and a feedback file per submission. Submissions are never modified. This "
+        "runs student code: grade in an account without access to anything precious.",
+    )
+    grade.add_argument("paths", nargs="+", help="submission notebooks, or folders holding them")
+    grade.add_argument("--out", default="grades.csv", help="the gradebook (default: %(default)s)")
+    grade.add_argument("--feedback", default=None, help="folder for feedback files (default: beside --out)")
+    grade.add_argument("--exercise", default=None, help="NN, when file names do not say (e.g. 01)")
+    grade.add_argument("--cell-timeout", type=int, default=60, help="seconds per cell (default: %(default)s)")
+    grade.add_argument("--total-timeout", type=int, default=600, help="seconds per notebook (default: %(default)s)")
+    grade.add_argument("--memory-mb", type=int, default=4096, help="memory per notebook (default: %(default)s)")
+    grade.add_argument("--workers", type=int, default=None, help="notebooks graded at once (default: cores)")
+    grade.set_defaults(handler=run_grade)
+
+    exercises = commands.add_parser(
+        "make-exercises",
+        help="generate exercises/ from solutions/",
+        description="Replace every solution region of solutions/NN_*.ipynb by "
+        "'raise NotImplementedError' and write exercises/NN_*.ipynb.",
+    )
+    exercises.add_argument("--solutions", default="solutions")
+    exercises.add_argument("--exercises", default="exercises")
+    exercises.add_argument("--check", action="store_true", help="only report exercises that differ")
+    exercises.set_defaults(handler=run_make_exercises)
     return parser
+
+
+def run_grade(args: argparse.Namespace) -> int:
+    from coursekit.grading import grade
+
+    rows = grade(
+        args.paths,
+        out=args.out,
+        feedback_dir=args.feedback,
+        cell_timeout=args.cell_timeout,
+        total_timeout=args.total_timeout,
+        memory_mb=args.memory_mb,
+        workers=args.workers,
+        exercise=args.exercise,
+    )
+    problems = sum(1 for row in rows if row.error)
+    print(
+        f"graded {len(rows)} submissions into {args.out} ({problems} with a problem noted in the error "
+        f"column); feedback files in {args.feedback or Path(args.out).parent / 'feedback'}"
+    )
+    return 0
+
+
+def run_make_exercises(args: argparse.Namespace) -> int:
+    from coursekit.authoring import make_exercises
+
+    stale = make_exercises(args.solutions, args.exercises, check=args.check)
+    if args.check and stale:
+        print("out of date: " + ", ".join(map(str, stale)) + "; run coursekit make-exercises and commit")
+        return 1
+    print(f"{len(stale)} exercise notebook(s) {'differ' if args.check else 'written'}")
+    return 0
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -117,9 +174,7 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--run", default="runs/train", help="run folder for checkpoints (default: %(default)s)"
-    )
+    parser.add_argument("--run", default="runs/train", help="run folder for checkpoints (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="stop after this many steps")
     parser.add_argument("--minutes", type=float, default=None, help="stop after this many minutes")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -127,9 +182,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default: %(default)s)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--schedule", default="cosine", choices=("linear", "cosine"))
-    parser.add_argument(
-        "--timesteps", type=int, default=1000, help="diffusion steps T (default: %(default)s)"
-    )
+    parser.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T (default: %(default)s)")
     parser.add_argument("--base-channels", type=int, default=32, help="U-Net width (default: %(default)s)")
     parser.add_argument("--conditional", action="store_true", help="learn class labels (for guidance)")
     parser.add_argument("--seed", type=int, default=0)

@@ -90,8 +90,7 @@ class ImageDataset:
         check_image_range(self.images)
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(
-                f"need one label per image, got {tuple(self.labels.shape)} labels "
-                f"for {self.images.shape[0]} images"
+                f"need one label per image, got {tuple(self.labels.shape)} labels for {self.images.shape[0]} images"
             )
 
     def __len__(self) -> int:
@@ -185,14 +184,10 @@ TORCHVISION_DATASETS = {
 }
 
 
-def load_torchvision(
-    name: str, root: str | Path = "data", train: bool = True, download: bool = True
-) -> ImageDataset:
+def load_torchvision(name: str, root: str | Path = "data", train: bool = True, download: bool = True) -> ImageDataset:
     """MNIST, Fashion-MNIST or CIFAR-10 through torchvision, downloaded into ``root`` on demand."""
     if name not in TORCHVISION_DATASETS:
-        raise ValueError(
-            f"unknown torchvision dataset {name!r}; choose one of {sorted(TORCHVISION_DATASETS)}"
-        )
+        raise ValueError(f"unknown torchvision dataset {name!r}; choose one of {sorted(TORCHVISION_DATASETS)}")
     import torchvision
 
     class_name, class_names = TORCHVISION_DATASETS[name]

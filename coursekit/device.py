@@ -22,9 +22,7 @@ def pick_device(preferred: str | torch.device | None = None) -> torch.device:
                 "use 'auto' or 'cpu' (in Colab: Runtime > Change runtime type > GPU)"
             )
         if device.type == "mps" and not _mps_available():
-            raise ValueError(
-                "device 'mps' was asked for, but Apple's MPS is not available here; use 'auto' or 'cpu'"
-            )
+            raise ValueError("device 'mps' was asked for, but Apple's MPS is not available here; use 'auto' or 'cpu'")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")

@@ -51,9 +51,7 @@ def noising_step(
     return (1 - beta_t).sqrt() * x_prev + beta_t.sqrt() * noise
 
 
-def predict_x0(
-    x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, schedule: NoiseSchedule
-) -> torch.Tensor:
+def predict_x0(x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
     """Undo Eq. 4 with a (predicted) noise: ``x0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)``.
 
     This is DDPM Eq. 15 and the "predicted clean image" shown while training.

@@ -42,8 +42,7 @@ def noise_prediction_loss(
         eps_pred = model(x_t, t, class_labels=class_labels)
     if eps_pred.shape != noise.shape:
         raise ValueError(
-            f"the model must predict noise of the input's shape {tuple(noise.shape)}, "
-            f"got {tuple(eps_pred.shape)}"
+            f"the model must predict noise of the input's shape {tuple(noise.shape)}, got {tuple(eps_pred.shape)}"
         )
     per_example_loss = F.mse_loss(eps_pred.float(), noise.float(), reduction="none")
     per_example_loss = per_example_loss.flatten(1).mean(dim=1)  # (B,)
@@ -60,9 +59,7 @@ def loss_by_timestep(
     Returns ``(bin_centres (num_bins,), mean_loss (num_bins,))``; empty bins hold NaN.
     """
     if losses.shape != t.shape or losses.ndim != 1:
-        raise ValueError(
-            f"losses and t must both have shape (B,), got {tuple(losses.shape)} and {tuple(t.shape)}"
-        )
+        raise ValueError(f"losses and t must both have shape (B,), got {tuple(losses.shape)} and {tuple(t.shape)}")
     if not 1 <= num_bins <= num_steps:
         raise ValueError(f"num_bins must lie in [1, {num_steps}], got {num_bins}")
     bins = (t.long().cpu() * num_bins) // num_steps
@@ -91,9 +88,7 @@ def diffusion_loss(
     if conditional and label_dropout > 0 and null_label is None:
         raise ValueError("label dropout needs the model's null_label (the 'no label' class index)")
 
-    def loss_fn(
-        model: NoisePredictor, batch: tuple, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def loss_fn(model: NoisePredictor, batch: tuple, generator: torch.Generator | None = None) -> torch.Tensor:
         images = batch[0]
         labels = None
         if conditional:

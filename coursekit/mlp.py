@@ -29,9 +29,7 @@ class MLPDenoiser(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if x_t.ndim != 2 or x_t.shape[1] != self.data_dim:
-            raise ValueError(
-                f"MLPDenoiser expects points of shape (B, {self.data_dim}), got {tuple(x_t.shape)}"
-            )
+            raise ValueError(f"MLPDenoiser expects points of shape (B, {self.data_dim}), got {tuple(x_t.shape)}")
         t = torch.as_tensor(t, device=x_t.device)
         if t.shape != (x_t.shape[0],):
             raise ValueError(f"t must have shape ({x_t.shape[0]},), got {tuple(t.shape)}")

@@ -118,8 +118,7 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     """
     if features_a.ndim != 2 or features_b.ndim != 2 or features_a.shape[1] != features_b.shape[1]:
         raise ValueError(
-            f"need two (N, D) feature sets of one D, got {tuple(features_a.shape)} "
-            f"and {tuple(features_b.shape)}"
+            f"need two (N, D) feature sets of one D, got {tuple(features_a.shape)} and {tuple(features_b.shape)}"
         )
     if len(features_a) < 2 or len(features_b) < 2:
         raise ValueError("need at least two samples in each feature set")
@@ -200,7 +199,5 @@ def evaluate_samples(
 
 def _batched(function, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     device = next(iter(getattr(function, "__self__", function).parameters())).device
-    outputs = [
-        function(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)
-    ]
+    outputs = [function(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
     return torch.cat(outputs)

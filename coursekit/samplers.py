@@ -209,8 +209,7 @@ def with_guidance(
 def _check_start(x_T: torch.Tensor) -> torch.Tensor:
     if not isinstance(x_T, torch.Tensor) or x_T.ndim < 2:
         raise ValueError(
-            "x_T must be a batch of pure-noise samples, shape (B, ...); "
-            "make one with torch.randn(shape, generator=...)"
+            "x_T must be a batch of pure-noise samples, shape (B, ...); make one with torch.randn(shape, generator=...)"
         )
     return x_T
 

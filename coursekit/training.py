@@ -120,9 +120,7 @@ class TensorBatches:
 
     def __next__(self) -> tuple[torch.Tensor, ...]:
         count = len(self.tensors[0])
-        indices = torch.randint(
-            count, (self.batch_size,), generator=self.generator, device=self.generator.device
-        )
+        indices = torch.randint(count, (self.batch_size,), generator=self.generator, device=self.generator.device)
         indices = indices.to(self.tensors[0].device)
         return tuple(t[indices].to(self.device, non_blocking=True) for t in self.tensors)
 
@@ -142,9 +140,7 @@ def as_tensors(data) -> tuple[torch.Tensor, ...]:
         return (data.images, data.labels)
     if isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data):
         return tuple(data)
-    raise ValueError(
-        f"data must be a tensor, a tuple of tensors, or an ImageDataset; got {type(data).__name__}"
-    )
+    raise ValueError(f"data must be a tensor, a tuple of tensors, or an ImageDataset; got {type(data).__name__}")
 
 
 def make_generator(device: torch.device, seed: int) -> torch.Generator:
@@ -227,9 +223,7 @@ def train(
     else:
         measure = (lambda: _bf16_is_faster_on_cpu(model, batches, loss_fn)) if device.type == "cpu" else None
         precision = resolve_precision(config.precision, device, measure)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scaler = _grad_scaler(device, enabled=(precision == "fp16"))
     ema = EMA(model, config.ema_decay)
     state = TrainState(precision=precision, model=model, ema_model=ema.model)
@@ -316,11 +310,7 @@ def train(
 def _check_finite(loss: float, step: int, config: TrainConfig, checkpoint_path: Path | None) -> None:
     if math.isfinite(loss):
         return
-    where = (
-        f" The last good checkpoint is {checkpoint_path}."
-        if checkpoint_path and checkpoint_path.exists()
-        else ""
-    )
+    where = f" The last good checkpoint is {checkpoint_path}." if checkpoint_path and checkpoint_path.exists() else ""
     raise TrainingDivergedError(
         f"the loss became {loss} by step {step}, so training stopped. Try a lower learning_rate "
         f"(now {config.learning_rate}), gradient clipping (grad_clip=1.0, now {config.grad_clip}), "

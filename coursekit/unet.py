@@ -251,9 +251,7 @@ class UNet(nn.Module):
             raise ValueError("this UNet is unconditional: build it with num_classes=... for labels")
         return self.config.num_classes
 
-    def forward(
-        self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         t = self._check_inputs(x_t, t, class_labels)
         # 1. Embedding of t (plus the class label), shared by every residual block
         emb = self.time_embedding(t)  # (B, time_dim)
@@ -280,9 +278,7 @@ class UNet(nn.Module):
         # 5. Head
         return self.head(F.silu(self.head_norm(h)))  # (B, C_in, H, W)
 
-    def _check_inputs(
-        self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _check_inputs(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         channels = self.config.in_channels
         if not isinstance(x_t, torch.Tensor) or x_t.ndim != 4 or x_t.shape[1] != channels:
             shape = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
@@ -294,17 +290,13 @@ class UNet(nn.Module):
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         if t.shape != (x_t.shape[0],):
-            raise ValueError(
-                f"t must have shape ({x_t.shape[0]},), one timestep per image, got {tuple(t.shape)}"
-            )
+            raise ValueError(f"t must have shape ({x_t.shape[0]},), one timestep per image, got {tuple(t.shape)}")
         if class_labels is not None:
             if self.config.num_classes is None:
                 raise ValueError("class_labels given to an unconditional UNet; build it with num_classes=...")
             class_labels = torch.as_tensor(class_labels)
             if class_labels.shape != (x_t.shape[0],):
-                raise ValueError(
-                    f"class_labels must have shape ({x_t.shape[0]},), got {tuple(class_labels.shape)}"
-                )
+                raise ValueError(f"class_labels must have shape ({x_t.shape[0]},), got {tuple(class_labels.shape)}")
             if int(class_labels.min()) < 0 or int(class_labels.max()) > self.config.num_classes:
                 raise ValueError(
                     f"class_labels must lie in [0, {self.config.num_classes}] "

@@ -54,7 +54,5 @@ class SliderFigure:
             bundle = bundle[0]
         bundle = dict(bundle)
         bundle["image/png"] = base64.b64encode(self.static_png).decode("ascii")
-        bundle["text/plain"] = (
-            f"<slider over {len(self.values)} values; a static figure where widgets cannot run>"
-        )
+        bundle["text/plain"] = f"<slider over {len(self.values)} values; a static figure where widgets cannot run>"
         return bundle

@@ -11,9 +11,7 @@ from coursekit.runs import generate, load_run
 
 
 def test_help_is_there_for_newcomers():
-    result = subprocess.run(
-        [sys.executable, "-m", "coursekit", "--help"], capture_output=True, text=True, check=True
-    )
+    result = subprocess.run([sys.executable, "-m", "coursekit", "--help"], capture_output=True, text=True, check=True)
     assert "coursekit demo" in result.stdout
     for command in ("train", "sample", "evaluate", "demo"):
         assert command in result.stdout
@@ -61,9 +59,7 @@ def test_train_sample_evaluate_round_trip(tmp_path, capsys):
     )
     assert Image.open(tmp_path / "run" / "samples.png").size[0] > 0
     assert Image.open(tmp_path / "run" / "reverse.gif").n_frames > 2
-    assert (
-        main(["sample", "--run", run, "--count", "2", "--sampler", "ddpm", "--out", str(tmp_path / "o")]) == 0
-    )
+    assert main(["sample", "--run", run, "--count", "2", "--sampler", "ddpm", "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "samples.png").exists()
     assert main(["evaluate", "--run", run, "--samples", "20", "--steps", "3"]) == 0
     report = json.loads((tmp_path / "run" / "quality.json").read_text())

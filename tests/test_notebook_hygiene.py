@@ -29,9 +29,7 @@ def test_there_are_notebooks():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_is_small_and_clean(path):
-    assert path.stat().st_size < SIZE_BUDGET, (
-        f"{path.name} is over {SIZE_BUDGET} bytes: keep fewer, smaller figures"
-    )
+    assert path.stat().st_size < SIZE_BUDGET, f"{path.name} is over {SIZE_BUDGET} bytes: keep fewer, smaller figures"
     notebook = json.loads(path.read_text())
     assert set(notebook["metadata"]) <= {"kernelspec", "language_info"}, "personal or widget metadata"
     for cell in notebook["cells"]:

@@ -46,9 +46,7 @@ def test_the_score_separates_real_digits_from_noise(tmp_path):
     assert (tmp_path / "classifier-digits.pt").exists()
     cached, cached_accuracy = load_or_train_classifier(train_set, held_out, tmp_path)
     assert cached_accuracy == accuracy
-    assert all(
-        torch.equal(a, b) for a, b in zip(classifier.state_dict().values(), cached.state_dict().values())
-    )
+    assert all(torch.equal(a, b) for a, b in zip(classifier.state_dict().values(), cached.state_dict().values()))
 
     real = evaluate_samples(train_set.images[-300:], train_set, held_out, classifier, accuracy)
     noise = evaluate_samples(torch.rand(300, 1, 16, 16) * 2 - 1, train_set, held_out, classifier, accuracy)

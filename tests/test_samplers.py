@@ -19,9 +19,7 @@ MEAN = torch.tensor([0.5, -1.0, 0.0], dtype=torch.float64)
 STD = torch.tensor([0.3, 1.5, 1.0], dtype=torch.float64)
 
 
-@pytest.mark.parametrize(
-    ("name", "variance"), [("linear", "posterior"), ("linear", "beta"), ("cosine", "posterior")]
-)
+@pytest.mark.parametrize(("name", "variance"), [("linear", "posterior"), ("linear", "beta"), ("cosine", "posterior")])
 def test_ddpm_with_the_oracle_reproduces_the_data_distribution(name, variance):
     schedule = make_schedule(name, 1000)
     oracle = GaussianOracle(MEAN, STD, schedule)
@@ -82,9 +80,7 @@ def test_ddim_with_eta_one_on_every_step_is_the_ddpm_posterior_step():
     oracle = GaussianOracle(MEAN, STD, schedule)
     x_T = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     ddpm = ddpm_sample(oracle, schedule, x_T, generator=torch.Generator().manual_seed(4))
-    ddim = ddim_sample(
-        oracle, schedule, x_T, generator=torch.Generator().manual_seed(4), num_steps=1000, eta=1.0
-    )
+    ddim = ddim_sample(oracle, schedule, x_T, generator=torch.Generator().manual_seed(4), num_steps=1000, eta=1.0)
     assert torch.allclose(ddpm, ddim, atol=1e-9)
 
 

@@ -26,9 +26,7 @@ def _data():
 
 def _model():
     torch.manual_seed(0)
-    return UNet(
-        base_channels=8, channel_multipliers=(1, 2), attention_levels=(1,), num_classes=3, dropout=0.1
-    )
+    return UNet(base_channels=8, channel_multipliers=(1, 2), attention_levels=(1,), num_classes=3, dropout=0.1)
 
 
 def _config(steps, **overrides):

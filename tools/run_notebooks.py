@@ -55,9 +55,7 @@ def run(path: Path, quick: bool, timeout: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("notebooks", nargs="*", type=Path)
     parser.add_argument("--quick", action="store_true", help="QUICK mode (the tests' tiny settings)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell")

@@ -17,9 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_FOLDERS = ("notebooks", "exercises", "solutions")
-BADGE = re.compile(
-    r"https://colab\.research\.google\.com/github/[^/\s)]+/[^/\s)]+/blob/[^/\s)]+/([^\s)]+\.ipynb)"
-)
+BADGE = re.compile(r"https://colab\.research\.google\.com/github/[^/\s)]+/[^/\s)]+/blob/[^/\s)]+/([^\s)]+\.ipynb)")
 INSTALL = re.compile(r'COURSE_REPOSITORY = "[^"]*"')
 README_INSTALL = re.compile(r"git\+https://github\.com/[^/\s\"']+/[^\s\"'@]+")
 
@@ -38,9 +36,7 @@ def repository_url() -> str:
 
 def rewrite_text(text: str, url: str, relative_path: str) -> str:
     owner_and_name = url.removeprefix("https://github.com/")
-    text = BADGE.sub(
-        f"https://colab.research.google.com/github/{owner_and_name}/blob/main/{relative_path}", text
-    )
+    text = BADGE.sub(f"https://colab.research.google.com/github/{owner_and_name}/blob/main/{relative_path}", text)
     text = INSTALL.sub(f'COURSE_REPOSITORY = "{url}"', text)
     return README_INSTALL.sub(f"git+{url}", text)
 
@@ -55,7 +51,8 @@ def updated(path: Path, url: str) -> str:
     if path.suffix != ".ipynb":
         return rewrite_text(original, url, "")
     notebook = json.loads(original)
-    relative = path.relative_to(ROOT).as_posix()
+    # a solution's badge opens its exercise: exercises are generated from solutions, badge included
+    relative = path.relative_to(ROOT).as_posix().replace("solutions/", "exercises/", 1)
     for cell in notebook["cells"]:
         source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
         new = rewrite_text(source, url, relative)
@@ -66,9 +63,7 @@ def updated(path: Path, url: str) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only report files that disagree")
     args = parser.parse_args()
     url = repository_url()
