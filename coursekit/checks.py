@@ -100,6 +100,21 @@ def compare_tensors(got, expected, case: dict, atol: float = 1e-5, rtol: float =
         )
 
 
+def _compare_samples(got, expected, case: dict) -> None:
+    """Same random draws, so the same samples; and say so when only the statistics are right."""
+    try:
+        compare_tensors(got, expected, case, atol=1e-6, rtol=1e-5)
+    except Mismatch as mismatch:
+        try:
+            _compare_sample_statistics(got, expected, case)
+        except Mismatch:
+            raise mismatch from None
+        raise Mismatch(
+            "your samples have the data's mean and spread, but differ from the reference drawn with the "
+            "same random numbers: draw z exactly as described, once per step, none on the last"
+        ) from None
+
+
 def _compare_sample_statistics(got, expected, case: dict) -> None:
     if not isinstance(got, torch.Tensor) or got.shape != expected.shape:
         shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
@@ -341,8 +356,12 @@ def _call_residual_block(implementation, case):
 def _call_sample(implementation, case):
     schedule = _schedule_from_alpha_bar(case["alpha_bar"])
     oracle = GaussianOracle(case["data_mean"], case["data_std"], schedule)
+
+    def model(x_t, t):  # the exact noise predictor, with nothing else to look at
+        return oracle(x_t, t)
+
     with torch.no_grad():
-        return implementation(oracle, case["x_T"], case["alpha_bar"], _generator(7))
+        return implementation(model, case["x_T"], case["alpha_bar"], _generator(7))
 
 
 QUESTIONS: dict[str, Question] = {}
@@ -386,7 +405,7 @@ _register(
         _cases_snr,
         lambda f, c: f(c["alpha_bar"]),
         "SNR = alpha_bar / (1 - alpha_bar), element by element",
-        forbidden={"snr", "coursekit"},
+        forbidden={"coursekit"},
     )
 )
 _register(
@@ -435,7 +454,7 @@ _register(
         _cases_training,
         lambda f, c: _call_training(f, c, False),
         "loss = diffusion_loss(...); optimizer.zero_grad(); loss.backward(); optimizer.step(); return loss.item()",
-        forbidden={"train", "noise_prediction_loss", "coursekit"},
+        forbidden={"noise_prediction_loss", "coursekit"},
         compare=_compare_training,
     )
 )
@@ -463,7 +482,7 @@ _register(
         "loop t from T-1 down to 0: eps = model(x, t as a (B,) tensor), z = torch.randn(x.shape, "
         "generator=generator, dtype=x.dtype) (zeros on the last step), x = reverse_step(...)",
         forbidden={"ddpm_steps", "ddpm_sample", "ddim_sample", "coursekit"},
-        compare=_compare_sample_statistics,
+        compare=_compare_samples,
     )
 )
 
@@ -494,34 +513,58 @@ def expected_outputs(question: Question) -> list:
     return [question.call(question.reference, case) for case in question.cases()]
 
 
-def names_used(implementation) -> set[str]:
-    """Every global name and attribute an implementation's code refers to (nested code included)."""
+ALWAYS_FORBIDDEN = {"coursekit", "learner_or_reference"}  # and any name starting with "reference_"
+
+
+def referenced_names(definition: ast.AST) -> set[str]:
+    """Names a definition takes from outside itself: free variables, attributes and imported modules.
+
+    A local variable that happens to share a forbidden name (``snr = ...``) does not count.
+    """
+    local, names = set(), set()
+    for node in ast.walk(definition):
+        if isinstance(node, ast.arg):
+            local.add(node.arg)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            local.add(node.id)
+    for node in ast.walk(definition):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in local:
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.update(alias.name for alias in node.names)
+            names.add((node.module or "").split(".")[0])
+    return names
+
+
+def forbidden_names_used(question: Question, names: set[str]) -> set[str]:
+    """The names among ``names`` that would let the package answer ``question``."""
+    forbidden = (question.forbidden | ALWAYS_FORBIDDEN) - {question.name}
+    return {name for name in names if name in forbidden or name.startswith("reference_")}
+
+
+def names_used(implementation) -> set[str] | None:
+    """The names an implementation takes from outside itself, from its source; None without source.
+
+    A class defined in a notebook has no retrievable source of its own, but its methods do.
+    """
+    parts = [implementation]
+    if inspect.isclass(implementation):
+        parts = [member for member in vars(implementation).values() if inspect.isfunction(member)]
     names: set[str] = set()
-    try:
-        source = textwrap.dedent(inspect.getsource(implementation))
-        for node in ast.walk(ast.parse(source)):
-            if isinstance(node, ast.Name):
-                names.add(node.id)
-            elif isinstance(node, ast.Attribute):
-                names.add(node.attr)
-            elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                names.update(alias.name.split(".")[0] for alias in node.names)
-                if isinstance(node, ast.ImportFrom) and node.module:
-                    names.add(node.module.split(".")[0])
-        return names
-    except (OSError, TypeError, SyntaxError):  # no source at hand: fall back to the compiled names
-        codes = [getattr(implementation, "__code__", None)]
-        codes += (
-            [getattr(member, "__code__", None) for member in vars(implementation).values()]
-            if inspect.isclass(implementation)
-            else []
-        )
-        while codes:
-            code = codes.pop()
-            if code is not None:
-                names.update(code.co_names)
-                codes.extend(const for const in code.co_consts if hasattr(const, "co_names"))
-        return names
+    for part in parts:
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(part)))
+        except (OSError, TypeError, SyntaxError):
+            return None
+        definitions = [node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+        if not definitions:
+            return None
+        names |= referenced_names(definitions[0])
+    return names if parts else None
 
 
 def score(question: Question, outputs: list, uses_reference: set[str] | None = None) -> Result:
@@ -537,6 +580,8 @@ def score(question: Question, outputs: list, uses_reference: set[str] | None = N
         )
     cases = question.cases()
     expected = expected_outputs(question)
+    if not isinstance(outputs, list) or len(outputs) != len(cases):
+        return Result(question.id, "failed", 0, question.points, "the answers to check are incomplete")
     for case, got, want in zip(cases, outputs, expected):
         if isinstance(got, BaseException) or (isinstance(got, dict) and "error" in got and len(got) == 2):
             name, text = (
@@ -593,7 +638,16 @@ def run_check(question_id: str, namespace: dict) -> Result:
             question.points,
             f"define {question.name} first (run the cells above), then check again",
         )
-    used = names_used(implementation) & question.forbidden - {question.name}
+    names = names_used(implementation)
+    if names is None:
+        return Result(
+            question.id,
+            "missing",
+            0,
+            question.points,
+            f"{question.name} must be your own def or class in a cell of this notebook",
+        )
+    used = forbidden_names_used(question, names)
     return score(question, run_implementation(question, implementation), used)
 
 

@@ -222,9 +222,10 @@ def run_train(args: argparse.Namespace) -> int:
     state = train_diffusion(
         dataset, args.run, model_config, args.schedule, args.timesteps, config, conditional=args.conditional
     )
+    final = f"final loss {state.loss_history[-1][1]:.4f}; " if state.loss_history else ""
     print(
         f"trained {state.step} steps in {state.elapsed_seconds / 60:.1f} min ({state.precision}); "
-        f"final loss {state.loss_history[-1][1]:.4f}; checkpoint in {args.run}"
+        f"{final}checkpoint in {args.run}"
     )
     print(f"next: coursekit sample --run {args.run}")
     return 0
@@ -317,7 +318,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"1/3 training on {len(dataset)} built-in digits for up to {args.minutes:g} minutes")
     config = TrainConfig(max_steps=None, max_minutes=args.minutes, device=args.device)
     state = train_diffusion(dataset, args.run, train_config=config)
-    print(f"    {state.step} steps, final loss {state.loss_history[-1][1]:.4f}, precision {state.precision}")
+    final = f", final loss {state.loss_history[-1][1]:.4f}" if state.loss_history else ""
+    print(f"    {state.step} steps{final}, precision {state.precision}")
     print("2/3 sampling a grid and an animation of the reverse process")
     sample_args = argparse.Namespace(
         run=args.run,

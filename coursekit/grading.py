@@ -28,14 +28,26 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coursekit.checks import Question, Result, questions_for, run_implementation, score
+from coursekit.checks import (
+    Question,
+    Result,
+    forbidden_names_used,
+    questions_for,
+    referenced_names,
+    run_implementation,
+    score,
+)
 
 ANSWERS = "answers.pt"
 REPORT = "report.json"
 VIOLATIONS = ".grading-violations"
 COLAB_ONLY = re.compile(r"^\s*([!%]|.*google\.colab|.*drive\.mount)")
 
-GUARD_CELL = "import coursekit.grading as _grading\n_grading.install_write_guard()\ndel _grading"
+# Libraries that build caches or ask the system on first import (matplotlib runs fc-list) load before the guard.
+GUARD_CELL = (
+    "import matplotlib.font_manager, torch, coursekit\n"
+    "import coursekit.grading as _grading\n_grading.install_write_guard()\ndel _grading"
+)
 
 PROBE_CELL = """
 import coursekit.grading as _grading
@@ -67,7 +79,8 @@ class GradeRow:
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 _PATH_EVENTS = {"os.remove", "os.rmdir", "os.mkdir", "os.truncate", "os.chmod", "shutil.rmtree"}
-_TARGET_EVENTS = {"os.rename", "shutil.move", "shutil.copyfile", "os.symlink", "os.link"}  # the last argument
+_TWO_PATH_EVENTS = {"os.rename", "shutil.move", "shutil.copyfile", "os.symlink", "os.link"}  # (source, target, ...)
+_PROCESS_EVENTS = {"os.system", "subprocess.Popen", "os.exec", "os.posix_spawn", "os.fork", "os.forkpty", "pty.spawn"}
 
 
 def install_write_guard() -> None:
@@ -84,11 +97,22 @@ def install_write_guard() -> None:
         if event == "open":
             path, mode, flags = (tuple(args) + (None, None, 0))[:3]
             writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & _WRITE_FLAGS)
-        elif event in _PATH_EVENTS or event in _TARGET_EVENTS:
-            path, writing = (args[-1] if event in _TARGET_EVENTS else args[0]), True
+        elif event in _PATH_EVENTS:
+            path, writing = args[0], True
+        elif event in _TWO_PATH_EVENTS:
+            for path in args[:2]:  # moving a file away from outside the folder deletes it there
+                check_path(event, path)
+            return
+        elif event in _PROCESS_EVENTS:
+            write(log, f"{event} (a new process)\n".encode())
+            raise PermissionError("grading: starting other programs is not allowed")
         else:
             return
-        if not writing or path is None or isinstance(path, int):
+        if writing:
+            check_path(event, path)
+
+    def check_path(event: str, path) -> None:
+        if path is None or isinstance(path, int):
             return
         target = realpath(fsdecode(path))
         if target == allowed or target.startswith(allowed + os.sep) or target.startswith("/dev/"):
@@ -110,8 +134,35 @@ def probe(namespace: dict, exercise: str, answers_path: str) -> None:
             answers[question.id] = {"missing": True}
             continue
         outputs = run_implementation(question, implementation)
-        answers[question.id] = {"outputs": [_plain(output) for output in outputs]}
+        answers[question.id] = {
+            "outputs": [_plain(output) for output in outputs],
+            "borrowed": sorted(_borrowed_references(question, implementation)),
+        }
     torch.save(answers, answers_path)
+
+
+def _borrowed_references(question: Question, implementation) -> set[str]:
+    """Global names the implementation uses that are bound to coursekit's answer to this question."""
+    codes = [getattr(implementation, "__code__", None)]
+    if isinstance(implementation, type):
+        codes += [getattr(member, "__code__", None) for member in vars(implementation).values()]
+    namespace = getattr(implementation, "__globals__", None) or vars(sys.modules.get(implementation.__module__, sys))
+    borrowed = set()
+    while codes:
+        code = codes.pop()
+        if code is None:
+            continue
+        codes.extend(const for const in code.co_consts if hasattr(const, "co_names"))
+        for name in code.co_names:
+            value = namespace.get(name)
+            module = getattr(value, "__module__", "") or ""
+            if (
+                value is question.reference
+                or module == "coursekit.checks"
+                or (module.startswith("coursekit") and getattr(value, "__name__", "") in question.forbidden)
+            ):
+                borrowed.add(name)
+    return borrowed
 
 
 def _plain(output):
@@ -218,6 +269,15 @@ def find_submissions(paths: list[str | Path]) -> list[Path]:
     return found
 
 
+def student_name(path: Path, roots: list[str | Path]) -> str:
+    """The student's folder when submissions sit in one folder per student, else the file's name."""
+    for root in map(Path, roots):
+        if root.is_dir() and root in path.parents:
+            parts = path.relative_to(root).parts
+            return parts[0] if len(parts) > 1 else path.stem
+    return path.stem
+
+
 def identify_exercise(path: Path, notebook: dict) -> str | None:
     """Which exercise a submission answers: from its file name (NN_...), else from its contents."""
     match = re.search(r"(?:^|\D)(\d\d)_", path.name)
@@ -234,9 +294,9 @@ def identify_exercise(path: Path, notebook: dict) -> str | None:
 def _code_cells(notebook: dict) -> list[str]:
     cells = []
     for cell in notebook.get("cells", []):
-        if cell.get("cell_type") == "code":
+        if isinstance(cell, dict) and cell.get("cell_type") == "code":
             source = cell.get("source", "")
-            cells.append("".join(source) if isinstance(source, list) else str(source))
+            cells.append("".join(map(str, source)) if isinstance(source, list) else str(source))
     return cells
 
 
@@ -248,29 +308,17 @@ def _without_colab_lines(source: str) -> str:
 
 
 def definition_names(notebook: dict, name: str) -> set[str] | None:
-    """Names used inside the submission's last top-level definition of ``name`` (static, from the file)."""
+    """Names used by the submission's last top-level ``def``/``class`` of ``name`` (from the file); None if none."""
     found = None
     for source in _code_cells(notebook):
         try:
             tree = ast.parse(_without_colab_lines(source))
-        except SyntaxError:
+        except (SyntaxError, ValueError):
             continue
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
                 found = node
-    if found is None:
-        return None
-    names = set()
-    for node in ast.walk(found):
-        if isinstance(node, ast.Name):
-            names.add(node.id)
-        elif isinstance(node, ast.Attribute):
-            names.add(node.attr)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module.split(".")[0])
-        elif isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-    return names
+    return None if found is None else referenced_names(found)
 
 
 def _syntax_errors(notebook: dict) -> list[str]:
@@ -280,6 +328,8 @@ def _syntax_errors(notebook: dict) -> list[str]:
             ast.parse(_without_colab_lines(source))
         except SyntaxError as error:
             errors.append(f"syntax error in code cell {index}, line {error.lineno}: {error.msg}")
+        except ValueError as error:  # e.g. a null byte (Python 3.10)
+            errors.append(f"syntax error in code cell {index}: {error}")
     return errors
 
 
@@ -289,12 +339,15 @@ def grade_submission(
     total_timeout: int = 600,
     memory_mb: int = 4096,
     exercise: str | None = None,
+    student: str | None = None,
 ) -> GradeRow:
     """Grade one file; whatever goes wrong ends up in the row's error, never as an exception."""
     start = time.perf_counter()
-    row = GradeRow(file=str(path), student=path.parent.name if path.parent.name else path.stem)
+    row = GradeRow(file=str(path), student=student or path.stem)
     try:
         _grade_into(row, path, cell_timeout, total_timeout, memory_mb, exercise)
+    except Exception as error:  # a submission must cost one row, never the whole run
+        row.error = f"the grader could not grade it ({type(error).__name__}: {error})"[:300]
     finally:
         row.seconds = time.perf_counter() - start
     return row
@@ -344,8 +397,11 @@ def _grade_into(row, path, cell_timeout, total_timeout, memory_mb, exercise) -> 
             problems.append(status)
         violations = (folder / VIOLATIONS).read_text().split("\n") if (folder / VIOLATIONS).exists() else []
         violations = [line for line in violations if line]
-        if violations:
-            problems.append(f"tried to write outside its folder: {violations[0].split(' ', 1)[-1]}")
+        if any(line.endswith("(a new process)") for line in violations):
+            problems.append("tried to start another program")
+        writes = [line for line in violations if not line.endswith("(a new process)")]
+        if writes:
+            problems.append(f"tried to write outside its folder: {writes[0].split(' ', 1)[-1]}")
         answers = _load_answers(folder / ANSWERS)
         report = json.loads((folder / REPORT).read_text()) if (folder / REPORT).exists() else {}
     if path.read_bytes() != raw:  # a hostile notebook got around the guard: put the file back
@@ -446,10 +502,18 @@ def _score_answer(question: Question, answers: dict, notebook: dict) -> Result:
             question.points,
             "the notebook did not run far enough to be checked (see the error column)",
         )
-    if answer.get("missing"):
+    if not isinstance(answer, dict) or answer.get("missing"):
         return Result(question.id, "missing", 0, question.points, f"{question.name} is not defined")
-    used = (names or set()) & (question.forbidden - {question.name})
-    return score(question, answer.get("outputs", []), used)
+    if names is None:
+        return Result(
+            question.id,
+            "missing",
+            0,
+            question.points,
+            f"no def or class {question.name} of your own was found in the notebook",
+        )
+    borrowed = {name for name in answer.get("borrowed", []) if isinstance(name, str)}
+    return score(question, answer.get("outputs"), forbidden_names_used(question, names) | borrowed)
 
 
 # ----------------------------------------------------------------------------- the gradebook
@@ -476,7 +540,7 @@ def grade(
     bar = tqdm(total=len(submissions), desc="grading", unit="notebook", disable=not progress)
 
     def one(path: Path) -> GradeRow:
-        row = grade_submission(path, cell_timeout, total_timeout, memory_mb, exercise)
+        row = grade_submission(path, cell_timeout, total_timeout, memory_mb, exercise, student_name(path, paths))
         bar.update(1)
         return row
 

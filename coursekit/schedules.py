@@ -106,7 +106,8 @@ class NoiseSchedule:
         ``t`` has shape (B,); the result has shape (B, 1, 1, ...) with as many dims as ``like``.
         """
         t = check_timesteps(t, self.num_steps)
-        picked = values.to(t.device)[t].to(device=like.device, dtype=like.dtype)
+        # index and cast on the CPU first: MPS has no float64, and the table stays off the GPU
+        picked = values[t.cpu()].to(dtype=like.dtype).to(like.device)
         return picked.reshape(-1, *([1] * (like.ndim - 1)))
 
 

@@ -8,6 +8,7 @@ or time budget, a progress bar, atomic checkpoints that resume exactly, and a st
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -172,8 +173,11 @@ def _grad_scaler(device: torch.device, enabled: bool):
 
 
 def precision_context(device: torch.device, precision: str):
+    """Autocast for bf16/fp16; nothing at all for fp32 (older torch has no autocast on MPS)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _bf16_is_faster_on_cpu(model, batches, loss_fn, repeats: int = 3) -> bool:
@@ -219,7 +223,15 @@ def train(
 
     payload = load_checkpoint(checkpoint_path, map_location=device) if resume else None
     if payload is not None:
+        _check_same_run(payload.get("metadata") or {}, metadata or {}, checkpoint_path)
         precision = payload.get("precision", "fp32")
+        if config.precision not in ("auto", precision):  # asked for explicitly, e.g. after a NaN
+            warnings.warn(
+                f"resuming a {precision} run in {config.precision}, as asked: the result will not be "
+                "bit-identical to an uninterrupted run",
+                stacklevel=2,
+            )
+            precision = resolve_precision(config.precision, device)
     else:
         measure = (lambda: _bf16_is_faster_on_cpu(model, batches, loss_fn)) if device.type == "cpu" else None
         precision = resolve_precision(config.precision, device, measure)
@@ -307,6 +319,17 @@ def train(
     return state
 
 
+def _check_same_run(saved: dict, given: dict, path: Path) -> None:
+    """Refuse to resume a run with other settings (schedule, dataset, ...) than it was started with."""
+    differing = {key: (saved[key], given[key]) for key in saved.keys() & given.keys() if saved[key] != given[key]}
+    if differing:
+        details = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, (old, new) in differing.items())
+        raise CheckpointError(
+            f"{path} belongs to a run with other settings ({details}). Use the same settings "
+            "to resume it, or a new run folder."
+        )
+
+
 def _check_finite(loss: float, step: int, config: TrainConfig, checkpoint_path: Path | None) -> None:
     if math.isfinite(loss):
         return
@@ -344,7 +367,7 @@ def _restore(payload, path, model, ema, optimizer, scaler, generator, state) -> 
         load_model_weights(model, payload["model"], path)
         load_model_weights(ema.model, payload["ema"], path)
         optimizer.load_state_dict(payload["optimizer"])
-        if payload["scaler"]:
+        if payload["scaler"] and scaler.is_enabled():
             scaler.load_state_dict(payload["scaler"])
         rng = payload["rng"]
         if rng["generator_device"] == str(generator.device):
@@ -361,7 +384,6 @@ def _restore(payload, path, model, ema, optimizer, scaler, generator, state) -> 
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
         state.step = int(payload["step"])
         state.elapsed_seconds = float(payload["elapsed_seconds"])
-        state.precision = payload["precision"]
         state.loss_history = [(int(s), float(v)) for s, v in payload["loss_history"]]
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(

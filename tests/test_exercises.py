@@ -151,3 +151,36 @@ def test_exercise_notebooks_have_no_outputs_and_solutions_are_tested_by_nbval():
 
     testpaths = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["testpaths"]
     assert "solutions" in testpaths and "exercises" not in testpaths
+
+
+def test_a_local_variable_named_like_a_package_function_is_fine():
+    def signal_to_noise(alpha_bar):
+        snr = alpha_bar / (1 - alpha_bar)
+        return snr
+
+    assert run_check("01.q3", {"signal_to_noise": signal_to_noise}).passed
+
+
+def test_answers_borrowed_from_the_package_earn_nothing():
+    from coursekit.checks import reference_noisy_image
+
+    # not a definition of the learner's own
+    assert run_check("01.q2", {"noisy_image": reference_noisy_image}).points == 0
+    question = QUESTIONS["01.q2"]
+    assert score(question, []).status == "failed"  # incomplete answers never pass
+
+
+def test_the_sampler_check_needs_the_same_random_draws():
+    from coursekit.checks import reference_reverse_step
+
+    def sample(model, x_T, alpha_bar, generator):  # skips the last step: an off-by-one
+        x = x_T
+        for t in reversed(range(1, len(alpha_bar))):
+            eps = model(x, torch.full((x.shape[0],), t))
+            z = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            x = reference_reverse_step(x, t, eps, alpha_bar, z)
+        return x
+
+    question = QUESTIONS["04.q2"]
+    result = score(question, run_implementation(question, sample))
+    assert not result.passed

@@ -38,7 +38,15 @@ def graded(tmp_path_factory):
 
 def test_no_submission_is_modified(graded):
     assert graded["before"] == graded["after"]
-    assert not Path("/tmp/coursekit-escaped-absolute.txt").exists()
+    for escaped in ("coursekit-escaped-absolute.txt", "coursekit-escaped-subprocess.txt"):
+        assert not (Path("/tmp") / escaped).exists()
+
+
+def test_students_are_named_by_their_folder_or_their_file(graded):
+    from coursekit.grading import student_name
+
+    assert graded["rows"]["solutions/01_forward_process.ipynb"].student == "solutions"
+    assert student_name(Path("/in/alice_01.ipynb"), [Path("/in")]) == "alice_01"
 
 
 def test_solutions_get_full_marks(graded):
@@ -64,6 +72,8 @@ def test_untouched_exercises_run_through_and_get_zero(graded):
         ("01_kills_kernel.ipynb", "kernel died"),
         ("01_memory_hog.ipynb", "more than 1500 MB"),
         ("01_writes_outside.ipynb", "tried to write outside its folder"),
+        ("01_runs_programs.ipynb", "tried to start another program"),
+        ("01_moves_files.ipynb", "tried to write outside its folder"),
     ],
 )
 def test_broken_and_hostile_submissions_get_a_row_with_the_reason(graded, name, reason):

@@ -151,3 +151,14 @@ def test_precision_choice():
         TrainConfig(precision="fp8")
     with pytest.raises(ValueError, match="budget"):
         TrainConfig(max_steps=None, max_minutes=None)
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    train(_model(), _data(), LOSS, _config(2), run_dir=tmp_path, metadata={"schedule": "cosine"})
+    with pytest.raises(CheckpointError, match="other settings"):
+        train(_model(), _data(), LOSS, _config(4), run_dir=tmp_path, metadata={"schedule": "linear"})
+    with pytest.warns(UserWarning, match="bit-identical"):
+        state = train(
+            _model(), _data(), LOSS, _config(4, precision="bf16"), run_dir=tmp_path, metadata={"schedule": "cosine"}
+        )
+    assert state.precision == "bf16" and state.step == 4
