@@ -198,19 +198,16 @@ class UNet(nn.Module):
         # 3. Down path: a level per resolution, halving the size between levels
         self.down_levels = nn.ModuleList()
         self.downsamples = nn.ModuleList()
+
+        def make_level(channels_in: int, channels_out: int, level: int) -> Level:
+            attention = config.has_attention(level)
+            return Level(
+                channels_in, channels_out, config.num_res_blocks, time_dim, attention, config.num_heads, config.dropout
+            )
+
         previous = channels[0]
         for level, width in enumerate(channels):
-            self.down_levels.append(
-                Level(
-                    previous,
-                    width,
-                    config.num_res_blocks,
-                    time_dim,
-                    config.has_attention(level),
-                    config.num_heads,
-                    config.dropout,
-                )
-            )
+            self.down_levels.append(make_level(previous, width, level))
             if level < len(channels) - 1:
                 self.downsamples.append(Downsample(width))
             previous = width
@@ -226,17 +223,7 @@ class UNet(nn.Module):
             if level < len(channels) - 1:
                 self.upsamples.append(Upsample(previous, width))
                 previous = width
-            self.up_levels.append(
-                Level(
-                    previous + width,
-                    width,
-                    config.num_res_blocks,
-                    time_dim,
-                    config.has_attention(level),
-                    config.num_heads,
-                    config.dropout,
-                )
-            )
+            self.up_levels.append(make_level(previous + width, width, level))
             previous = width
         # 6. Head: back to image channels. Zero-initialised, so training starts from "predict 0".
         self.head_norm = group_norm(previous)
