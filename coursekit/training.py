@@ -296,7 +296,7 @@ def train(
                 now = time.perf_counter()
                 state.images_per_second = interval_steps * config.batch_size / max(now - interval_start, 1e-9)
                 state.loss_history.append((state.step, mean_loss))
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{state.images_per_second:.0f}")
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{state.images_per_second:.0f}", refresh=False)
                 running_loss.zero_()
                 interval_steps, interval_start = 0, now
             due_by_steps = config.checkpoint_every_steps and state.step % config.checkpoint_every_steps == 0
