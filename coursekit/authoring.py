@@ -91,10 +91,6 @@ def render(notebook: dict) -> str:
     return json.dumps(notebook, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
 
 
-def exercise_name(solution_path: Path) -> str:
-    return solution_path.name
-
-
 def make_exercises(solutions_dir: str | Path, exercises_dir: str | Path, check: bool = False) -> list[Path]:
     """Write (or with ``check``, compare) every exercise; returns the files that were stale."""
     solutions_dir, exercises_dir = Path(solutions_dir), Path(exercises_dir)
@@ -106,7 +102,7 @@ def make_exercises(solutions_dir: str | Path, exercises_dir: str | Path, check: 
         if not re.match(r"\d\d_", solution_path.name):
             raise ValueError(f"{solution_path.name}: solution notebooks are named NN_topic.ipynb")
         text = render(make_exercise(json.loads(solution_path.read_text())))
-        target = exercises_dir / exercise_name(solution_path)
+        target = exercises_dir / solution_path.name
         if not target.exists() or target.read_text() != text:
             stale.append(target)
             if not check:

@@ -327,7 +327,7 @@ def _cases_sample() -> list[dict]:
 # ----------------------------------------------------------------------------- calls
 
 
-def _call_training(implementation, case, reference_step: bool):
+def _call_training(implementation, case):
     model = TinyDenoiser()
     model.load_state_dict(case["state"])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -452,7 +452,7 @@ _register(
         "training_step",
         reference_training_step,
         _cases_training,
-        lambda f, c: _call_training(f, c, False),
+        _call_training,
         "loss = diffusion_loss(...); optimizer.zero_grad(); loss.backward(); optimizer.step(); return loss.item()",
         forbidden={"noise_prediction_loss", "coursekit"},
         compare=_compare_training,
