@@ -94,11 +94,23 @@ def diffusion_loss(
         if conditional:
             if len(batch) < 2:
                 raise ValueError("conditional training needs (images, labels) batches")
-            labels = batch[1]
-            if label_dropout > 0:
-                draw_device = generator.device if generator is not None else labels.device
-                drop = torch.rand(labels.shape, generator=generator, device=draw_device) < label_dropout
-                labels = torch.where(drop.to(labels.device), torch.full_like(labels, null_label), labels)
+            labels = drop_labels(batch[1], label_dropout, null_label, generator)
         return noise_prediction_loss(model, images, schedule, class_labels=labels, generator=generator)
 
     return loss_fn
+
+
+def drop_labels(
+    labels: torch.Tensor, probability: float, null_label: int | None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Replace each label by ``null_label`` ("no label") with the given probability (notebook 06).
+
+    Classifier-free guidance training (Ho & Salimans 2022, Algorithm 1, line 3): one model then learns
+    both the conditional and the unconditional noise prediction. The draw is
+    ``torch.rand(labels.shape, generator=generator) < probability``, made on the generator's device.
+    """
+    if probability == 0:
+        return labels
+    draw_device = generator.device if generator is not None else labels.device
+    drop = torch.rand(labels.shape, generator=generator, device=draw_device) < probability
+    return torch.where(drop.to(labels.device), torch.full_like(labels, null_label), labels)

@@ -23,6 +23,7 @@ from coursekit.training import CHECKPOINT_NAME, TrainConfig, TrainState, train
 from coursekit.unet import UNet, UNetConfig
 
 SHIPPED_CHECKPOINT = Path(__file__).parent / "assets" / "digits_unet.pt"
+SHIPPED_CONDITIONAL_CHECKPOINT = Path(__file__).parent / "assets" / "digits_unet_conditional.pt"
 
 
 @dataclass
@@ -46,8 +47,14 @@ def train_diffusion(
     conditional: bool = False,
     label_dropout: float = 0.1,
     callback=None,
+    extra_metadata: dict | None = None,
 ) -> TrainState:
-    """Train a U-Net noise predictor on ``dataset`` into ``run_dir`` (resuming if it holds a run)."""
+    """Train a U-Net noise predictor on ``dataset`` into ``run_dir`` (resuming if it holds a run).
+
+    ``dataset`` is an :class:`ImageDataset`, or anything with its fields (``images``, ``labels``,
+    ``name``, ``class_names``, ``image_shape``, ``num_classes``), such as the latent codes of
+    notebook 07. ``extra_metadata`` is stored in the checkpoint beside the model settings.
+    """
     channels = dataset.image_shape[0]
     model_config = model_config or UNetConfig(in_channels=channels)
     if model_config.in_channels != channels:
@@ -69,6 +76,7 @@ def train_diffusion(
         "image_shape": list(dataset.image_shape),
         "class_names": list(dataset.class_names),
         "conditional": conditional,
+        **(extra_metadata or {}),
     }
     return train(model, dataset, loss_fn, train_config, run_dir=run_dir, callback=callback, metadata=metadata)
 
@@ -78,12 +86,13 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> L
     return _load_model(Path(run_dir) / CHECKPOINT_NAME, device)
 
 
-def load_shipped_model(device: str | torch.device | None = None) -> LoadedRun:
-    """The small U-Net trained on the built-in digits that ships with coursekit (notebook 04).
+def load_shipped_model(device: str | torch.device | None = None, conditional: bool = False) -> LoadedRun:
+    """A small U-Net trained on the built-in digits that ships with coursekit (notebooks 04-08).
 
-    Made by ``python tools/make_shipped_checkpoint.py``; for learners who skipped training.
+    ``conditional=True`` gives the one trained with class labels and label dropout (notebook 06).
+    Made by ``python tools/make_shipped_checkpoint.py [--conditional]``; for learners who skip training.
     """
-    return _load_model(SHIPPED_CHECKPOINT, device)
+    return _load_model(SHIPPED_CONDITIONAL_CHECKPOINT if conditional else SHIPPED_CHECKPOINT, device)
 
 
 def _load_model(path: Path, device: str | torch.device | None) -> LoadedRun:
@@ -133,15 +142,17 @@ def generate(
     """Draw ``count`` images in batches; returns ``(images on the CPU, frames)``.
 
     ``frames > 0`` keeps about that many snapshots of the first batch's trajectory (for a GIF).
-    ``num_steps`` and ``eta`` apply to DDIM; DDPM always takes every step.
+    ``num_steps`` applies to DDIM and DPM-Solver++ (``"dpm++2m"``), ``eta`` to DDIM; DDPM always
+    takes every step. ``clip_x0`` keeps the x0 guesses and the results in the image range [-1, 1];
+    turn it off for latent codes (notebook 07), which live outside that range.
     """
     if count < 1:
         raise ValueError(f"count must be positive, got {count}")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     steps_function = get_sampler(sampler)
-    options = {"num_steps": num_steps, "eta": eta} if sampler == "ddim" else {}
-    total_steps = num_steps if sampler == "ddim" else schedule.num_steps
+    options = {"ddim": {"num_steps": num_steps, "eta": eta}, "dpm++2m": {"num_steps": num_steps}}.get(sampler, {})
+    total_steps = schedule.num_steps if sampler == "ddpm" else num_steps
     keep_every = max(1, total_steps // frames) if frames else 0
     images, snapshots = [], []
     bar = tqdm(total=count, desc=f"sampling ({sampler})", unit="img", disable=not progress)
@@ -159,7 +170,7 @@ def generate(
             is_last = index + 1 == total_steps
             if start == 0 and frames and ((index + 1) % keep_every == 0 or is_last):
                 snapshots.append(step.x.cpu())
-        images.append(step.x.clamp(-1, 1).cpu())
+        images.append((step.x.clamp(-1, 1) if clip_x0 else step.x).cpu())
         bar.update(size)
     bar.close()
     return torch.cat(images), snapshots

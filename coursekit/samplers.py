@@ -12,6 +12,7 @@ condition on labels or use classifier-free guidance, wrap the model with :func:`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -115,11 +116,7 @@ def ddim_steps(
         raise ValueError(f"eta must be >= 0, got {eta}")
     if timesteps is None:
         timesteps = ddim_timesteps(schedule.num_steps, num_steps)
-    timesteps = [int(s) for s in timesteps]
-    if any(a <= b for a, b in zip(timesteps, timesteps[1:])) or not timesteps:
-        raise ValueError("timesteps must be a non-empty, strictly decreasing list")
-    if timesteps[0] >= schedule.num_steps or timesteps[-1] < 0:
-        raise ValueError(f"timesteps must lie in [0, {schedule.num_steps - 1}]")
+    timesteps = _check_timesteps(timesteps, schedule)
     for index, step in enumerate(timesteps):
         previous = timesteps[index + 1] if index + 1 < len(timesteps) else -1
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
@@ -138,6 +135,67 @@ def ddim_steps(
         yield SamplerStep(step, x, x0_pred)
 
 
+def dpm_solver_steps(
+    model: NoisePredictor,
+    schedule: NoiseSchedule,
+    x_T: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    num_steps: int = 20,
+    timesteps: list[int] | None = None,
+    clip_x0: bool = False,
+) -> Iterator[SamplerStep]:
+    """DPM-Solver++(2M) (Lu et al., arXiv:2211.01095v2, Algorithm 2): a second-order multistep solver.
+
+    DDIM is the Euler method for the probability-flow ODE written in ``lambda = log(alpha / sigma)``
+    (``alpha = sqrt(alpha_bar)``, ``sigma = sqrt(1 - alpha_bar)``, half the log signal-to-noise ratio).
+    DPM-Solver++(2M) keeps the x0 guess of the previous step too, and uses the difference of the two
+    guesses to follow the curve to second order, at no extra model call:
+
+    x_next = (sigma_next / sigma) * x - alpha_next * (exp(-h) - 1) * D,   h = lambda_next - lambda
+    D = (1 + 1/(2r)) x0_pred - 1/(2r) x0_pred_previous,                    r = h_previous / h
+
+    The first step has no previous guess and the last one jumps to the clean image (sigma = 0, h
+    infinite), so both use ``D = x0_pred``: the first-order update, which is exactly DDIM with eta = 0.
+    ``num_steps`` model calls over the same timesteps as :func:`ddim_steps`; ``generator`` is unused
+    (the solver is deterministic) and accepted so that every sampler has one signature.
+    """
+    x = _check_start(x_T)
+    if timesteps is None:
+        timesteps = ddim_timesteps(schedule.num_steps, num_steps)
+    timesteps = _check_timesteps(timesteps, schedule)
+    previous_x0_pred, previous_h = None, None
+    for index, step in enumerate(timesteps):
+        following = timesteps[index + 1] if index + 1 < len(timesteps) else -1  # -1: the clean image
+        t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+        with torch.no_grad():
+            eps = model(x, t)
+        x0_pred = predict_x0(x, t, eps, schedule)
+        if clip_x0:
+            x0_pred = x0_pred.clamp(-1, 1)
+        alpha, sigma = _alpha_sigma(schedule, step)
+        if following < 0:
+            x = x0_pred  # sigma_next = 0: the first-order update lands on the x0 guess
+        else:
+            alpha_next, sigma_next = _alpha_sigma(schedule, following)
+            h = math.log(alpha_next / sigma_next) - math.log(alpha / sigma)  # lambda_next - lambda
+            if previous_x0_pred is None:
+                direction = x0_pred  # first order (DPM-Solver++ Eq. 9): the DDIM step
+            else:
+                r = previous_h / h
+                direction = (1 + 1 / (2 * r)) * x0_pred - 1 / (2 * r) * previous_x0_pred  # Algorithm 2, line 6
+            x = (sigma_next / sigma) * x - alpha_next * math.expm1(-h) * direction  # Algorithm 2, line 7
+            previous_h = h
+        previous_x0_pred = x0_pred
+        yield SamplerStep(step, x, x0_pred)
+
+
+def _alpha_sigma(schedule: NoiseSchedule, step: int) -> tuple[float, float]:
+    """``alpha_t = sqrt(alpha_bar_t)`` and ``sigma_t = sqrt(1 - alpha_bar_t)`` as Python floats (float64)."""
+    alpha_bar = float(schedule.alpha_bar[step])
+    return alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+
+
 def ddpm_sample(model: NoisePredictor, schedule: NoiseSchedule, x_T: torch.Tensor, **options) -> torch.Tensor:
     """Run :func:`ddpm_steps` to the end and return the final images."""
     return final_state(ddpm_steps(model, schedule, x_T, **options))
@@ -146,6 +204,11 @@ def ddpm_sample(model: NoisePredictor, schedule: NoiseSchedule, x_T: torch.Tenso
 def ddim_sample(model: NoisePredictor, schedule: NoiseSchedule, x_T: torch.Tensor, **options) -> torch.Tensor:
     """Run :func:`ddim_steps` to the end and return the final images."""
     return final_state(ddim_steps(model, schedule, x_T, **options))
+
+
+def dpm_solver_sample(model: NoisePredictor, schedule: NoiseSchedule, x_T: torch.Tensor, **options) -> torch.Tensor:
+    """Run :func:`dpm_solver_steps` to the end and return the final images."""
+    return final_state(dpm_solver_steps(model, schedule, x_T, **options))
 
 
 def final_state(steps: Iterator[SamplerStep]) -> torch.Tensor:
@@ -158,11 +221,11 @@ def final_state(steps: Iterator[SamplerStep]) -> torch.Tensor:
     return last_step.x
 
 
-SAMPLERS = {"ddpm": ddpm_steps, "ddim": ddim_steps}
+SAMPLERS = {"ddpm": ddpm_steps, "ddim": ddim_steps, "dpm++2m": dpm_solver_steps}
 
 
 def get_sampler(name: str) -> Callable[..., Iterator[SamplerStep]]:
-    """The steps function for a sampler name (``"ddpm"`` or ``"ddim"``)."""
+    """The steps function for a sampler name: ``"ddpm"``, ``"ddim"`` or ``"dpm++2m"``."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     return SAMPLERS[name]
@@ -204,6 +267,15 @@ def with_guidance(
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
     return guided_model
+
+
+def _check_timesteps(timesteps: list[int], schedule: NoiseSchedule) -> list[int]:
+    timesteps = [int(s) for s in timesteps]
+    if not timesteps or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+        raise ValueError("timesteps must be a non-empty, strictly decreasing list")
+    if timesteps[0] >= schedule.num_steps or timesteps[-1] < 0:
+        raise ValueError(f"timesteps must lie in [0, {schedule.num_steps - 1}]")
+    return timesteps
 
 
 def _check_start(x_T: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ from coursekit.samplers import (
     ddim_timesteps,
     ddpm_sample,
     ddpm_steps,
+    dpm_solver_sample,
+    dpm_solver_steps,
     get_sampler,
     with_guidance,
 )
@@ -164,3 +166,94 @@ def test_ddpm_can_start_part_way_from_a_noised_sample():
     assert ((samples.std(0) - STD) / STD).abs().max() < 0.03
     with pytest.raises(ValueError, match="start_t"):
         ddpm_sample(oracle, schedule, x_t[:2], start_t=1000)
+
+
+# ----------------------------------------------------------------------------- DPM-Solver++(2M)
+
+
+def _exact_flow_map(schedule, x_T):
+    """Where the probability-flow ODE takes x_T (at t = T-1) for Gaussian data: an exact, independent answer.
+
+    x_t ~ N(alpha m, alpha^2 s^2 + sigma^2) per coordinate, and the flow keeps each sample's standard
+    score, so x_0 = m + s (x_T - alpha m) / sqrt(alpha^2 s^2 + sigma^2).
+    """
+    alpha_bar = float(schedule.alpha_bar[-1])
+    alpha, sigma = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+    return MEAN + STD * (x_T - alpha * MEAN) / (alpha**2 * STD**2 + sigma**2).sqrt()
+
+
+def _flow_error(sampler, schedule, num_steps):
+    oracle = GaussianOracle(MEAN, STD, schedule)
+    x_T = torch.linspace(-3, 3, 7, dtype=torch.float64)[:, None].expand(7, 3).clone()
+    return (sampler(oracle, schedule, x_T, num_steps=num_steps) - _exact_flow_map(schedule, x_T)).abs().max().item()
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_dpm_solver_converges_at_second_order_and_ddim_at_first(name):
+    schedule = make_schedule(name, 1000)
+    dpm = {n: _flow_error(dpm_solver_sample, schedule, n) for n in (50, 100)}
+    ddim = {n: _flow_error(ddim_sample, schedule, n) for n in (50, 100)}
+    print(f"{name}: DDIM errors {ddim}, DPM-Solver++(2M) errors {dpm}")
+    # Doubling the steps divides the error by about 2**order (measured: DDIM 2.0; DPM 3.5 linear, 4.0 cosine).
+    assert 1.8 < ddim[50] / ddim[100] < 2.2
+    assert dpm[50] / dpm[100] > 3.2
+    assert dpm[100] < 0.5 * ddim[100]
+
+
+@pytest.mark.parametrize(("name", "tolerance"), [("linear", 0.035), ("cosine", 0.012)])
+def test_dpm_solver_with_the_oracle_reproduces_the_data_distribution(name, tolerance):
+    schedule = make_schedule(name, 1000)
+    mean, std = _affine_moments(dpm_solver_sample, schedule, num_steps=100)
+    _, ddim_std = _affine_moments(ddim_sample, schedule, num_steps=100)
+    std_error, ddim_std_error = ((std - STD) / STD).abs().max(), ((ddim_std - STD) / STD).abs().max()
+    print(f"{name}, 100 steps: relative std error DPM-Solver++(2M) {std_error:.4f}, DDIM {ddim_std_error:.4f}")
+    assert (mean - MEAN).abs().max() < tolerance  # linear: alpha_bar_T = 4e-5 is not 0, a floor of ~0.0095
+    assert std_error < tolerance
+    assert std_error < ddim_std_error
+
+
+def test_dpm_solver_with_two_steps_is_ddim():
+    # Both steps are first order (no previous guess, then the jump to the clean image): DDIM's update.
+    schedule = make_schedule("cosine", 1000)
+    oracle = GaussianOracle(MEAN, STD, schedule)
+    x_T = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(
+        dpm_solver_sample(oracle, schedule, x_T, num_steps=2), ddim_sample(oracle, schedule, x_T, num_steps=2)
+    )
+    first_dpm = next(dpm_solver_steps(oracle, schedule, x_T, num_steps=20))
+    first_ddim = next(ddim_steps(oracle, schedule, x_T, num_steps=20))
+    assert torch.allclose(first_dpm.x, first_ddim.x, atol=1e-12)
+
+
+def test_dpm_solver_matches_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    schedule = make_schedule("linear", 1000)
+    oracle = GaussianOracle(MEAN, STD, schedule)
+    x_T = torch.randn(16, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for num_steps in (5, 20):
+        timesteps = ddim_timesteps(1000, num_steps)
+        scheduler = diffusers.DPMSolverMultistepScheduler(
+            num_train_timesteps=1000,
+            trained_betas=schedule.betas.numpy(),
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            final_sigmas_type="zero",
+        )
+        scheduler.set_timesteps(timesteps=timesteps)
+        x = x_T.clone()
+        for t in scheduler.timesteps:
+            x = scheduler.step(oracle(x, torch.full((16,), int(t))), t, x).prev_sample
+        # diffusers keeps its schedule in float32; ours is float64, hence the tolerance
+        assert torch.allclose(dpm_solver_sample(oracle, schedule, x_T, timesteps=timesteps), x, atol=1e-5)
+
+
+def test_dpm_solver_is_registered_and_deterministic():
+    schedule = make_schedule("cosine", 100)
+    oracle = GaussianOracle(MEAN, STD, schedule)
+    x_T = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert get_sampler("dpm++2m") is dpm_solver_steps
+    steps = list(dpm_solver_steps(oracle, schedule, x_T, num_steps=10))
+    assert [step.t for step in steps] == ddim_timesteps(100, 10)
+    assert torch.equal(steps[-1].x, dpm_solver_sample(oracle, schedule, x_T, num_steps=10))
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        dpm_solver_sample(oracle, schedule, x_T, timesteps=[10, 20])

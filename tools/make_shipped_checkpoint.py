@@ -1,14 +1,16 @@
-"""Make the small checkpoint that ships inside coursekit (coursekit/assets/digits_unet.pt).
+"""Make the small checkpoints that ship inside coursekit (coursekit/assets/).
 
-    python tools/make_shipped_checkpoint.py        # about 6-8 minutes on a 2-core CPU
+    python tools/make_shipped_checkpoint.py                  # digits_unet.pt, about 6-8 minutes on a 2-core CPU
+    python tools/make_shipped_checkpoint.py --conditional    # digits_unet_conditional.pt (class labels, for 06)
 
-Notebook 04 and a workshop without time to train use it. The run is reproducible: fixed seed,
+Notebooks 04, 05 and 08 (and 06 with --conditional), and a workshop without time to train, use them. The run is reproducible: fixed seed,
 fixed step count and fp32 on the CPU, so the same command gives the same weights on the same
 software. Only the EMA weights are kept, stored in fp16 (half the size); loading casts them back.
 """
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from pathlib import Path
 
@@ -16,13 +18,17 @@ import torch
 
 from coursekit.checkpoints import load_checkpoint, save_checkpoint
 from coursekit.data import load_dataset
-from coursekit.runs import SHIPPED_CHECKPOINT, train_diffusion
+from coursekit.runs import SHIPPED_CHECKPOINT, SHIPPED_CONDITIONAL_CHECKPOINT, train_diffusion
 from coursekit.training import TrainConfig
 
 STEPS = 3000
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--conditional", action="store_true", help="train with class labels and label dropout")
+    conditional = parser.parse_args().conditional
+    destination = SHIPPED_CONDITIONAL_CHECKPOINT if conditional else SHIPPED_CHECKPOINT
     with tempfile.TemporaryDirectory() as run_dir:
         config = TrainConfig(
             max_steps=STEPS,
@@ -32,19 +38,19 @@ def main() -> None:
             checkpoint_every_steps=None,
             checkpoint_every_minutes=None,
         )
-        state = train_diffusion(load_dataset("digits"), run_dir, train_config=config)
+        state = train_diffusion(load_dataset("digits"), run_dir, train_config=config, conditional=conditional)
         payload = load_checkpoint(Path(run_dir) / "checkpoint.pt")
     shipped = {
         "ema": {name: tensor.half() for name, tensor in payload["ema"].items()},
         "step": payload["step"],
         "loss_history": payload["loss_history"],
         "metadata": payload["metadata"],
-        "made_by": "python tools/make_shipped_checkpoint.py",
+        "made_by": "python tools/make_shipped_checkpoint.py" + (" --conditional" if conditional else ""),
     }
-    save_checkpoint(shipped, SHIPPED_CHECKPOINT)
-    size = SHIPPED_CHECKPOINT.stat().st_size / 1e6
+    save_checkpoint(shipped, destination)
+    size = destination.stat().st_size / 1e6
     final_loss = state.loss_history[-1][1]
-    print(f"{state.step} steps, final loss {final_loss:.4f}; wrote {SHIPPED_CHECKPOINT} ({size:.1f} MB)")
+    print(f"{state.step} steps, final loss {final_loss:.4f}; wrote {destination} ({size:.1f} MB)")
     assert torch.isfinite(torch.tensor(final_loss))
 
 
