@@ -178,6 +178,10 @@ class UNet(nn.Module):
     skip connection's exact size. With ``num_classes`` set, pass ``class_labels`` (B,) in
     ``[0, num_classes]``; the extra index ``num_classes`` (``model.null_label``) means "no label",
     and is used when ``class_labels`` is None (classifier-free guidance needs it).
+
+    The label reaches the network as a learned vector, ``class_embedding(label)``, added to the time
+    embedding. ``condition`` (B, 4 * base_channels) passes such a vector directly instead: a blend
+    of two labels' vectors, or what a text encoder would produce (notebook 07).
     """
 
     def __init__(self, config: UNetConfig | None = None, **overrides):
@@ -238,14 +242,22 @@ class UNet(nn.Module):
             raise ValueError("this UNet is unconditional: build it with num_classes=... for labels")
         return self.config.num_classes
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         t = self._check_inputs(x_t, t, class_labels)
-        # 1. Embedding of t (plus the class label), shared by every residual block
+        # 1. Embedding of t (plus the condition), shared by every residual block
         emb = self.time_embedding(t)  # (B, time_dim)
-        if self.class_embedding is not None:
+        if condition is not None:
+            emb = emb + self._check_condition(condition, emb)  # any (B, time_dim) vector: notebook 07
+        elif self.class_embedding is not None:
             if class_labels is None:
                 class_labels = torch.full_like(t, self.null_label)
-            emb = emb + self.class_embedding(class_labels.to(t.device).long())
+            emb = emb + self.class_embedding(class_labels.to(t.device).long())  # the label's learned vector
         # 2. Down path, remembering each level's output for the skip connections
         h = self.stem(x_t)  # (B, C0, H, W)
         skips = []
@@ -264,6 +276,16 @@ class UNet(nn.Module):
             h = up_level(torch.cat([h, skip], dim=1), emb)
         # 5. Head
         return self.head(F.silu(self.head_norm(h)))  # (B, C_in, H, W)
+
+    def _check_condition(self, condition: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.class_embedding is None:
+            raise ValueError("condition given to an unconditional UNet; build it with num_classes=...")
+        if condition.shape != emb.shape:
+            raise ValueError(
+                f"condition must be one embedding vector per image, shape {tuple(emb.shape)}, "
+                f"got {tuple(condition.shape)}"
+            )
+        return condition.to(emb.device, emb.dtype)
 
     def _check_inputs(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         channels = self.config.in_channels

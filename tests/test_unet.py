@@ -97,3 +97,18 @@ def test_mlp_denoiser_shapes_and_errors():
     assert model(torch.randn(5, 2), torch.arange(5)).shape == (5, 2)
     with pytest.raises(ValueError, match=r"\(B, 2\)"):
         model(torch.randn(5, 3), torch.arange(5))
+
+
+def test_a_condition_vector_stands_in_for_the_label_lookup():
+    model = UNet(num_classes=3, base_channels=8, channel_multipliers=(1, 2)).eval()
+    torch.nn.init.normal_(model.head.weight)  # the zero-initialised head would hide any difference
+    x_t, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 700])
+    labels = torch.tensor([0, 2])
+    vectors = model.class_embedding(labels)
+    with torch.no_grad():
+        assert torch.allclose(model(x_t, t, condition=vectors), model(x_t, t, class_labels=labels), atol=1e-6)
+        assert not torch.allclose(model(x_t, t, condition=vectors.flip(0)), model(x_t, t, class_labels=labels))
+    with pytest.raises(ValueError, match="one embedding vector per image"):
+        model(x_t, t, condition=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="unconditional"):
+        UNet(base_channels=8)(x_t, t, condition=torch.zeros(2, 32))
