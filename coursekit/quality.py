@@ -1,4 +1,4 @@
-"""A sample-quality score that needs no download (notebooks 04-06).
+"""A sample-quality score that needs no download (notebooks 04-07).
 
 The standard FID compares Inception-network features of generated and real images, and the
 Inception weights must be downloaded. Here a small classifier trained on the course's own
@@ -195,6 +195,16 @@ def evaluate_samples(
         num_samples=count,
         classifier_accuracy=classifier_accuracy,
     )
+
+
+@torch.no_grad()
+def class_accuracy(classifier: FeatureClassifier, samples: torch.Tensor, requested_labels: torch.Tensor) -> float:
+    """The share of samples that the feature classifier puts in the class they were asked for (notebook 06)."""
+    requested_labels = torch.as_tensor(requested_labels).cpu()
+    if requested_labels.shape != (len(samples),):
+        raise ValueError(f"need one requested label per sample, got {tuple(requested_labels.shape)} for {len(samples)}")
+    predicted = _batched(classifier, samples).argmax(dim=1).cpu()
+    return (predicted == requested_labels).double().mean().item()
 
 
 def _batched(function, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:

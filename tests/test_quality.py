@@ -6,6 +6,7 @@ import torch
 from coursekit.data import load_dataset
 from coursekit.quality import (
     FeatureClassifier,
+    class_accuracy,
     evaluate_samples,
     frechet_distance,
     load_or_train_classifier,
@@ -58,6 +59,12 @@ def test_the_score_separates_real_digits_from_noise(tmp_path):
     ones = train_set.images[train_set.labels == 1][:100]
     only_ones = evaluate_samples(ones, train_set, held_out, classifier, accuracy)
     assert only_ones.class_coverage <= 0.3 and only_ones.class_entropy < 0.5
+    # the classifier puts real digits in their own class, and a shuffle of the labels only by chance
+    assert class_accuracy(classifier, held_out.images, held_out.labels) == pytest.approx(accuracy)
+    shuffled = held_out.labels[torch.randperm(len(held_out), generator=torch.Generator().manual_seed(0))]
+    assert class_accuracy(classifier, held_out.images, shuffled) < 0.3
+    with pytest.raises(ValueError, match="one requested label per sample"):
+        class_accuracy(classifier, held_out.images, held_out.labels[:3])
     assert "Fréchet" in real.summary() and math.isfinite(real.real_frechet_distance)
     with pytest.raises(ValueError, match="fewer"):
         evaluate_samples(torch.zeros(5000, 1, 16, 16), train_set, held_out, classifier)
