@@ -545,7 +545,7 @@ def reference_edit_start(images, strength, alpha_bar, noise):
 
 def reference_merge_known(x_generated, images, mask, alpha_bar_t, noise):
     known = alpha_bar_t**0.5 * images + (1 - alpha_bar_t) ** 0.5 * noise  # the kept pixels, noised to t
-    return mask * known + (1 - mask) * x_generated  # RePaint Eq. 8
+    return mask * known + (1 - mask) * x_generated  # RePaint Algorithm 1, line 8
 
 
 class TinyConditionalDenoiser(nn.Module):

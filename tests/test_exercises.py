@@ -184,3 +184,40 @@ def test_the_sampler_check_needs_the_same_random_draws():
     question = QUESTIONS["04.q2"]
     result = score(question, run_implementation(question, sample))
     assert not result.passed
+
+
+def test_the_part_two_references_are_the_package_samplers_step_by_step():
+    # The exercises' one-step formulas, looped, must give exactly what coursekit's samplers give.
+    from coursekit.checks import reference_ddim_step, reference_dpm_solver_step, reference_edit_start
+    from coursekit.editing import edit
+    from coursekit.forward import predict_x0
+    from coursekit.oracle import GaussianOracle
+    from coursekit.samplers import ddim_sample, ddim_timesteps, ddpm_sample, dpm_solver_sample
+    from coursekit.schedules import make_schedule
+
+    schedule = make_schedule("cosine", 200)
+    oracle = GaussianOracle(torch.tensor([0.5, -1.0]), torch.tensor([0.3, 1.5]), schedule)
+    x_T = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    alpha_bar = schedule.alpha_bar.tolist()
+    timesteps = ddim_timesteps(200, 12)
+    x_ddim, x_dpm, previous_x0_pred, alpha_bar_previous = x_T, x_T, None, None
+    for index, t in enumerate(timesteps):
+        alpha_bar_next = alpha_bar[timesteps[index + 1]] if index + 1 < len(timesteps) else 1.0
+        t_batch = torch.full((64,), t)
+        x_ddim = reference_ddim_step(x_ddim, oracle(x_ddim, t_batch), alpha_bar[t], alpha_bar_next)
+        x0_pred = predict_x0(x_dpm, t_batch, oracle(x_dpm, t_batch), schedule)
+        x_dpm = reference_dpm_solver_step(
+            x_dpm, x0_pred, previous_x0_pred, alpha_bar_previous, alpha_bar[t], alpha_bar_next
+        )
+        previous_x0_pred, alpha_bar_previous = x0_pred, alpha_bar[t]
+    assert torch.allclose(x_ddim, ddim_sample(oracle, schedule, x_T, timesteps=timesteps), atol=1e-10)
+    assert torch.allclose(x_dpm, dpm_solver_sample(oracle, schedule, x_T, timesteps=timesteps), atol=1e-10)
+
+    images = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    generator = torch.Generator().manual_seed(2)
+    noise = torch.randn(images.shape, generator=generator)
+    x_t, t = reference_edit_start(images, 0.3, schedule.alpha_bar.float(), noise)
+    scalar_oracle = GaussianOracle(0.2, 0.5, schedule)
+    mine = ddpm_sample(scalar_oracle, schedule, x_t, generator=generator, start_t=t)
+    theirs = edit(scalar_oracle, schedule, images, 0.3, generator=torch.Generator().manual_seed(2), clip_x0=False)
+    assert torch.allclose(mine, theirs, atol=1e-6)
