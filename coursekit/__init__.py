@@ -1,7 +1,8 @@
 """coursekit: every piece the diffusion course builds, tested.
 
 Read the modules in pipeline order: schedules -> forward -> losses -> embeddings, mlp, unet ->
-samplers -> data -> plots (then training, checkpoints and quality).
+samplers -> data -> plots (then training, checkpoints and quality; then latent and editing, the
+pieces of part two).
 """
 
 from coursekit.data import (
@@ -21,6 +22,8 @@ from coursekit.samplers import (
     ddim_steps,
     ddpm_sample,
     ddpm_steps,
+    dpm_solver_sample,
+    dpm_solver_steps,
     with_guidance,
 )
 from coursekit.schedules import NoiseSchedule, make_schedule
@@ -40,6 +43,8 @@ __all__ = [
     "ddim_steps",
     "ddpm_sample",
     "ddpm_steps",
+    "dpm_solver_sample",
+    "dpm_solver_steps",
     "from_unit_range",
     "load_dataset",
     "make_points",
