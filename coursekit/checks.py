@@ -248,8 +248,9 @@ def _cases_embedding() -> list[dict]:
 def _cases_residual_block() -> list[dict]:
     cases = []
     for index, (c_in, c_out) in enumerate([(16, 16), (16, 32)]):
-        torch.manual_seed(index)
-        block = ResidualBlock(c_in, c_out, time_dim=24)
+        with torch.random.fork_rng(devices=[]):  # leave the learner's global random state alone
+            torch.manual_seed(index)
+            block = ResidualBlock(c_in, c_out, time_dim=24)
         generator = _generator(10 + index)
         cases.append(
             {
@@ -278,8 +279,7 @@ class TinyDenoiser(nn.Module):
 
 
 def _tiny_model_state() -> dict:
-    torch.manual_seed(5)
-    return TinyDenoiser().state_dict()
+    return _seeded(TinyDenoiser, 5).state_dict()
 
 
 def _cases_training() -> list[dict]:
@@ -580,8 +580,10 @@ class TinyAutoencoder(nn.Module):
 
 
 def _seeded(module_class: type[nn.Module], seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return module_class()
+    """A module with weights from ``seed``, leaving the learner's global random state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return module_class()
 
 
 def _cases_ddim_step() -> list[dict]:

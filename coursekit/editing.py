@@ -30,8 +30,9 @@ from coursekit.schedules import NoiseSchedule
 def edit_strength_to_timestep(strength: float, num_steps: int) -> int:
     """The timestep an edit of ``strength`` starts from: ``round(strength * (T - 1))``.
 
-    ``strength = 0`` is timestep 0 (a clean image), ``strength = 1`` is ``T - 1`` (pure noise, so
-    the input is forgotten). Ties round to even, as in ``ddim_timesteps``.
+    ``strength = 0`` is timestep 0, the smallest dose of noise (``edit`` returns its input unchanged
+    at exactly 0), ``strength = 1`` is ``T - 1`` (pure noise, so the input is forgotten). Ties round
+    to even, as in ``ddim_timesteps``.
     """
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")

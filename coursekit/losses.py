@@ -109,8 +109,10 @@ def drop_labels(
     both the conditional and the unconditional noise prediction. The draw is
     ``torch.rand(labels.shape, generator=generator) < probability``, made on the generator's device.
     """
+    if not 0 <= probability <= 1:
+        raise ValueError(f"probability must lie in [0, 1], got {probability}")
     if probability == 0:
-        return labels
+        return labels.clone()
     draw_device = generator.device if generator is not None else labels.device
     drop = torch.rand(labels.shape, generator=generator, device=draw_device) < probability
     return torch.where(drop.to(labels.device), torch.full_like(labels, null_label), labels)

@@ -147,8 +147,9 @@ def dpm_solver_steps(
 ) -> Iterator[SamplerStep]:
     """DPM-Solver++(2M) (Lu et al., arXiv:2211.01095v2, Algorithm 2): a second-order multistep solver.
 
-    DDIM is the Euler method for the probability-flow ODE written in ``lambda = log(alpha / sigma)``
-    (``alpha = sqrt(alpha_bar)``, ``sigma = sqrt(1 - alpha_bar)``, half the log signal-to-noise ratio).
+    In ``lambda = log(alpha / sigma)`` (``alpha = sqrt(alpha_bar)``, ``sigma = sqrt(1 - alpha_bar)``,
+    half the log signal-to-noise ratio), DDIM is the first-order solver of the probability-flow ODE:
+    like Euler's method, it holds the x0 guess fixed over the step (DPM-Solver++ Eq. 9).
     DPM-Solver++(2M) keeps the x0 guess of the previous step too, and uses the difference of the two
     guesses to follow the curve to second order, at no extra model call:
 

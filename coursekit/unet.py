@@ -253,6 +253,8 @@ class UNet(nn.Module):
         # 1. Embedding of t (plus the condition), shared by every residual block
         emb = self.time_embedding(t)  # (B, time_dim)
         if condition is not None:
+            if class_labels is not None:
+                raise ValueError("pass class_labels or a condition vector, not both")
             emb = emb + self._check_condition(condition, emb)  # any (B, time_dim) vector: notebook 07
         elif self.class_embedding is not None:
             if class_labels is None:

@@ -221,3 +221,13 @@ def test_the_part_two_references_are_the_package_samplers_step_by_step():
     mine = ddpm_sample(scalar_oracle, schedule, x_t, generator=generator, start_t=t)
     theirs = edit(scalar_oracle, schedule, images, 0.3, generator=torch.Generator().manual_seed(2), clip_x0=False)
     assert torch.allclose(mine, theirs, atol=1e-6)
+
+
+def test_checks_leave_the_learners_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    for question_id in ("02.q2", "03.q1", "06.q2", "07.q1"):
+        run_check(question_id, {})  # building the cases seeds stand-in models
+        QUESTIONS[question_id].cases()
+    assert torch.equal(torch.rand(3), expected)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
-from coursekit.losses import loss_by_timestep, noise_prediction_loss
+from coursekit.losses import drop_labels, loss_by_timestep, noise_prediction_loss
 from coursekit.oracle import GaussianOracle
 from coursekit.plots import (
     image_grid,
@@ -73,3 +73,16 @@ def test_figures_draw_without_a_display():
     assert len(plot_schedules([schedule, make_schedule("cosine", 100)]).axes) == 2
     with pytest.raises(ValueError, match=r"one image \(C, H, W\)"):
         show_noising(torch.zeros(2, 1, 8, 8), schedule, [0])
+
+
+def test_drop_labels_replaces_about_the_given_share_and_nothing_else():
+    labels = torch.arange(10).repeat(1000)
+    dropped = drop_labels(labels, 0.1, 10, torch.Generator().manual_seed(0))
+    hidden = dropped == 10
+    assert 0.08 < hidden.double().mean() < 0.12  # 10,000 draws: 0.1 +- 4 standard errors
+    assert torch.equal(dropped[~hidden], labels[~hidden]) and dropped.dtype == labels.dtype
+    assert torch.equal(drop_labels(labels, 1.0, 10), torch.full_like(labels, 10))
+    unchanged = drop_labels(labels, 0.0, 10)
+    assert torch.equal(unchanged, labels) and unchanged is not labels
+    with pytest.raises(ValueError, match="probability"):
+        drop_labels(labels, 1.5, 10)

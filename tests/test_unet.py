@@ -110,5 +110,7 @@ def test_a_condition_vector_stands_in_for_the_label_lookup():
         assert not torch.allclose(model(x_t, t, condition=vectors.flip(0)), model(x_t, t, class_labels=labels))
     with pytest.raises(ValueError, match="one embedding vector per image"):
         model(x_t, t, condition=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="not both"):
+        model(x_t, t, class_labels=labels, condition=vectors)
     with pytest.raises(ValueError, match="unconditional"):
         UNet(base_channels=8)(x_t, t, condition=torch.zeros(2, 32))
