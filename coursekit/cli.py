@@ -204,11 +204,17 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from coursekit.data import load_dataset
+    from coursekit.distributed import from_environment
     from coursekit.runs import train_diffusion
     from coursekit.training import TrainConfig
     from coursekit.unet import UNetConfig
 
+    distributed = from_environment()  # several processes under torchrun, else one
+    if not distributed.is_main:
+        distributed.barrier()  # let rank 0 download the data first
     dataset = load_dataset(args.dataset, root=args.data_root, train=True)
+    if distributed.is_main:
+        distributed.barrier()
     steps = args.steps if args.steps is not None or args.minutes is not None else 2000
     config = TrainConfig(
         max_steps=steps,
@@ -223,6 +229,8 @@ def run_train(args: argparse.Namespace) -> int:
     state = train_diffusion(
         dataset, args.run, model_config, args.schedule, args.timesteps, config, conditional=args.conditional
     )
+    if not distributed.is_main:
+        return 0
     final = f"final loss {state.loss_history[-1][1]:.4f}; " if state.loss_history else ""
     print(
         f"trained {state.step} steps in {state.elapsed_seconds / 60:.1f} min ({state.precision}); "

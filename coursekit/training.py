@@ -3,7 +3,8 @@
 The loop knows nothing about diffusion: it takes a model, data and a ``loss_fn(model, batch,
 generator) -> scalar``. Around the four lines that matter it adds what a real run needs: the
 device, mixed precision, an EMA of the weights, gradient clipping, learning-rate warm-up, a step
-or time budget, a progress bar, atomic checkpoints that resume exactly, and a stop on NaN.
+or time budget, a progress bar, atomic checkpoints that resume exactly, and a stop on NaN. Under
+``torchrun`` it trains on several GPUs or processes at once (``coursekit.distributed``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from coursekit import distributed as distributed_training
 from coursekit.checkpoints import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
 from coursekit.device import pick_device, supports_native_bf16
 
@@ -36,7 +38,8 @@ class TrainConfig:
 
     max_steps: int | None = 2000  # stop after this many optimizer steps (None: no step limit)
     max_minutes: float | None = None  # stop after this much training time (None: no time limit)
-    batch_size: int = 128  # images per step
+    batch_size: int = 128  # images per step, over all processes when training with torchrun
+    micro_batches: int = 1  # split each batch into this many parts, adding up their gradients (less memory)
     learning_rate: float = 2e-3  # AdamW learning rate after warm-up
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 100  # learning rate rises linearly from 0 over this many steps
@@ -58,8 +61,10 @@ class TrainConfig:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
-        if self.batch_size < 1 or self.learning_rate <= 0 or self.log_every < 1:
-            raise ValueError("batch_size, learning_rate and log_every must be positive")
+        if self.batch_size < 1 or self.learning_rate <= 0 or self.log_every < 1 or self.micro_batches < 1:
+            raise ValueError("batch_size, micro_batches, learning_rate and log_every must be positive")
+        if self.batch_size % self.micro_batches:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of micro_batches {self.micro_batches}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
 
@@ -102,7 +107,11 @@ class EMA:
 
 
 class TensorBatches:
-    """Random batches from tensors kept as one block: on the device when they fit, else on the CPU."""
+    """Random batches from tensors kept as one block: on the device when they fit, else on the CPU.
+
+    With ``share=(k, n)`` it draws the same batch of ``batch_size`` indices as every other process
+    (their generators are seeded alike) and returns its k-th of n equal parts.
+    """
 
     def __init__(
         self,
@@ -110,19 +119,22 @@ class TensorBatches:
         batch_size: int,
         device: torch.device,
         generator: torch.Generator,
+        share: tuple[int, int] = (0, 1),
     ):
         if not tensors or any(len(t) != len(tensors[0]) for t in tensors):
             raise ValueError("training data must be tensors of equal length")
         if len(tensors[0]) == 0:
             raise ValueError("the training data is empty")
         self.device, self.batch_size, self.generator = device, batch_size, generator
+        self.share_index, self.shares = share
         fits = device.type == "cpu" or _fits_on_device(tensors, device)
         self.tensors = tuple(t.to(device if fits else "cpu") for t in tensors)
 
     def __next__(self) -> tuple[torch.Tensor, ...]:
         count = len(self.tensors[0])
         indices = torch.randint(count, (self.batch_size,), generator=self.generator, device=self.generator.device)
-        indices = indices.to(self.tensors[0].device)
+        size = self.batch_size // self.shares
+        indices = indices[self.share_index * size : (self.share_index + 1) * size].to(self.tensors[0].device)
         return tuple(t[indices].to(self.device, non_blocking=True) for t in self.tensors)
 
 
@@ -213,11 +225,20 @@ def train(
     model's configuration), and a run folder that already holds one is resumed from it exactly.
     """
     config = config or TrainConfig()
-    device = pick_device(config.device)
+    distributed = distributed_training.from_environment()  # a single process unless run by torchrun
+    device = distributed_training.device_for(distributed, pick_device(config.device))
+    shards = distributed.world_size * config.micro_batches  # parts each batch is split into
+    if config.batch_size % shards:
+        raise ValueError(
+            f"batch_size {config.batch_size} must split evenly over {distributed.world_size} process(es) "
+            f"x {config.micro_batches} micro-batch(es)"
+        )
     model.to(device).train()
     torch.manual_seed(config.seed)  # dropout and any other use of the global generator
-    generator = make_generator(device, config.seed)
-    batches = TensorBatches(as_tensors(data), config.batch_size, device, generator)
+    generator = make_generator(device, config.seed)  # seeded alike in every process
+    batches = TensorBatches(
+        as_tensors(data), config.batch_size, device, generator, share=(distributed.rank, distributed.world_size)
+    )
     checkpoint_path = Path(run_dir) / CHECKPOINT_NAME if run_dir is not None else None
     resume = checkpoint_path is not None and checkpoint_path.exists()
 
@@ -233,7 +254,9 @@ def train(
             )
             precision = resolve_precision(config.precision, device)
     else:
-        measure = (lambda: _bf16_is_faster_on_cpu(model, batches, loss_fn)) if device.type == "cpu" else None
+        measure = None  # several processes could measure differently: they use fp32 on CPUs
+        if device.type == "cpu" and not distributed.enabled:
+            measure = lambda: _bf16_is_faster_on_cpu(model, batches, loss_fn)  # noqa: E731
         precision = resolve_precision(config.precision, device, measure)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scaler = _grad_scaler(device, enabled=(precision == "fp16"))
@@ -241,9 +264,14 @@ def train(
     state = TrainState(precision=precision, model=model, ema_model=ema.model)
     if payload is not None:
         _restore(payload, checkpoint_path, model, ema, optimizer, scaler, generator, state)
+    # Several processes: DistributedDataParallel averages the gradients during backward()
+    parallel_model = model
+    if distributed.enabled:
+        device_ids = [device.index] if device.type == "cuda" else None
+        parallel_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     def save() -> None:
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and distributed.is_main:  # one writer
             save_checkpoint(
                 _payload(model, ema, optimizer, scaler, generator, state, config, metadata), checkpoint_path
             )
@@ -256,7 +284,7 @@ def train(
     bar = tqdm(
         total=config.max_steps,
         initial=state.step,
-        disable=not config.progress,
+        disable=not (config.progress and distributed.is_main),
         desc="training",
         unit="step",
         dynamic_ncols=True,
@@ -265,18 +293,19 @@ def train(
     interval_start = last_save = time.perf_counter()
     elapsed_before = state.elapsed_seconds
     run_start = time.perf_counter()
+    finished = distributed.any(not budget_left(), device)  # processes stop together
     try:
-        while budget_left():
+        while not finished:
             # 1. Warm-up: the learning rate rises linearly over the first steps
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate * min(1.0, (state.step + 1) / max(1, config.warmup_steps))
-            # 2. Guess the noise and compare
-            batch = next(batches)
-            with precision_context(device, precision):
-                loss = loss_fn(model, batch, generator)
-            # 3. Backpropagate (scaled for fp16), clip, and update the weights and their average
+            # 2. Guess the noise and compare; 3. backpropagate (scaled for fp16), part by part
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            batch = next(batches)  # this process's share of the batch
+            loss = _forward_backward(
+                parallel_model, batch, loss_fn, generator, config, distributed, scaler, precision, state.step
+            )
+            # 4. Clip, and update the weights and their average
             if config.grad_clip is not None:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -288,10 +317,10 @@ def train(
             running_loss += loss.detach().float()
             interval_steps += 1
             bar.update(1)
-            # 4. Now and then: record the loss, check it, save, call back
-            finished = not budget_left()
+            # 5. Now and then: record the loss, check it, save, call back
+            finished = distributed.any(not budget_left(), device)
             if state.step % config.log_every == 0 or finished:
-                mean_loss = (running_loss / interval_steps).item()  # one device sync per interval
+                mean_loss = distributed.mean(running_loss / interval_steps).item()  # one device sync per interval
                 _check_finite(mean_loss, state.step, config, checkpoint_path)
                 now = time.perf_counter()
                 state.images_per_second = interval_steps * config.batch_size / max(now - interval_start, 1e-9)
@@ -309,14 +338,47 @@ def train(
                     _check_finite((running_loss / interval_steps).item(), state.step, config, checkpoint_path)
                 save()
                 last_save = time.perf_counter()
-            if callback is not None and config.callback_every and state.step % config.callback_every == 0:
+            if (
+                callback is not None
+                and distributed.is_main
+                and config.callback_every
+                and state.step % config.callback_every == 0
+            ):
                 callback(state)
     finally:
         bar.close()
     save()
-    if callback is not None:
+    distributed.barrier()  # the checkpoint exists for every process from here on
+    if callback is not None and distributed.is_main:
         callback(state)
     return state
+
+
+def _forward_backward(model, batch, loss_fn, generator, config, distributed, scaler, precision, step) -> torch.Tensor:
+    """The loss of one batch, its gradients added into ``.grad``; returns the loss (a mean over the batch).
+
+    With several parts (micro-batches, processes, or both), part k of the global batch draws its
+    noise from its own generator, seeded from (seed, step, k); so the same run split into 2
+    processes or into 2 micro-batches computes the same gradients (up to rounding).
+    """
+    parts = [tuple(t.chunk(config.micro_batches)[index] for t in batch) for index in range(config.micro_batches)]
+    shards = distributed.world_size * config.micro_batches
+    device = batch[0].device
+    total = torch.zeros((), device=device)
+    for index, part in enumerate(parts):
+        part_generator = generator
+        if shards > 1:
+            shard = distributed.rank * config.micro_batches + index
+            part_generator = make_generator(device, (config.seed * 1_000_000_007 + step) * 1024 + shard)
+        last = index == len(parts) - 1
+        # Between processes, the gradients are averaged once, after the last part
+        sync = contextlib.nullcontext() if last or not distributed.enabled else model.no_sync()
+        with sync:
+            with precision_context(device, precision):
+                loss = loss_fn(model, part, part_generator) / config.micro_batches
+            scaler.scale(loss).backward()
+        total += loss.detach()
+    return total
 
 
 def _check_same_run(saved: dict, given: dict, path: Path) -> None:
@@ -370,7 +432,7 @@ def _restore(payload, path, model, ema, optimizer, scaler, generator, state) -> 
         if payload["scaler"] and scaler.is_enabled():
             scaler.load_state_dict(payload["scaler"])
         rng = payload["rng"]
-        if rng["generator_device"] == str(generator.device):
+        if torch.device(rng["generator_device"]).type == generator.device.type:  # cuda:0 -> cuda:1 is fine
             generator.set_state(rng["generator"].cpu())
         else:  # e.g. trained on a Colab GPU, resumed on a laptop: carry on, but not bit for bit
             warnings.warn(
