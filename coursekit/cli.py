@@ -126,7 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
     exercises.add_argument("--exercises", default="exercises")
     exercises.add_argument("--check", action="store_true", help="only report exercises that differ")
     exercises.set_defaults(handler=run_make_exercises)
+
+    preflight = commands.add_parser(
+        "preflight",
+        help="is this machine ready for the course? (run it the day before a workshop)",
+        description="Report Python, torch and the device, free memory and disk, whether the built-in "
+        "data and the shipped models load and sliders will render, and how long each notebook should "
+        "take here. Exits with 1 when something needs fixing.",
+    )
+    preflight.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default: %(default)s)")
+    preflight.add_argument("--no-measure", action="store_true", help="skip the few-second speed measurement")
+    preflight.set_defaults(handler=run_preflight)
     return parser
+
+
+def run_preflight(args: argparse.Namespace) -> int:
+    from coursekit.preflight import run_preflight as check_machine
+
+    report = check_machine(args.device, measure=not args.no_measure)
+    print(report.summary())
+    return 0 if report.ready else 1
 
 
 def run_grade(args: argparse.Namespace) -> int:

@@ -1,0 +1,65 @@
+"""The workshop pre-flight check: what it reports, and that it says what to fix."""
+
+import shutil
+from collections import namedtuple
+
+import pytest
+
+from coursekit import preflight
+from coursekit.cli import main
+
+
+def test_the_report_covers_the_machine_data_widgets_and_run_times(capsys):
+    report = preflight.run_preflight("cpu", measure=True)
+    names = [check.name for check in report.checks]
+    assert names == ["python", "torch", "device", "memory", "disk", "data", "models", "widgets"]
+    assert report.ready, report.summary()
+    assert list(report.estimates) == [notebook.name for notebook in preflight.NOTEBOOKS]
+    assert all(minutes > 0 for minutes in report.estimates.values())
+    assert report.speed_ratio > 0
+    text = report.summary()
+    assert "Ready for the course." in text and "03_training" in text and "1438 images" in text
+
+
+def test_estimates_scale_with_speed_and_respect_time_budgets():
+    here, ratio = preflight.estimate_minutes(
+        preflight.REFERENCE_SECONDS_PER_STEP, preflight.REFERENCE_SECONDS_PER_IMAGE_CALL
+    )
+    assert ratio == pytest.approx(1.0)
+    reference = {notebook.name: notebook for notebook in preflight.NOTEBOOKS}
+    assert here["04_reverse_process"] == pytest.approx(reference["04_reverse_process"].scaled_seconds / 60)
+    # four times slower: the scaled part takes 4x, the training stays within its 4-minute budget
+    slow, slow_ratio = preflight.estimate_minutes(
+        4 * preflight.REFERENCE_SECONDS_PER_STEP, 4 * preflight.REFERENCE_SECONDS_PER_IMAGE_CALL
+    )
+    assert slow_ratio == pytest.approx(4.0)
+    assert slow["04_reverse_process"] == pytest.approx(4 * here["04_reverse_process"])
+    assert slow["03_training"] == pytest.approx(4 * reference["03_training"].scaled_seconds / 60 + 4)
+    # a fast GPU finishes the 5000 steps long before the budget
+    fast, _ = preflight.estimate_minutes(0.005, 1e-6)
+    assert fast["03_training"] < 1
+
+
+def test_a_full_disk_is_reported_with_what_to_do(monkeypatch, capsys):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 10**8, 10**8))
+    report = preflight.run_preflight("cpu", measure=False)
+    disk = next(check for check in report.checks if check.name == "disk")
+    assert not disk.ok and "0.1 GB free" in disk.detail
+    assert not report.ready and "FIX  disk" in report.summary()
+    assert main(["preflight", "--device", "cpu", "--no-measure"]) == 1
+    assert "Fix the lines marked FIX" in capsys.readouterr().out
+
+
+def test_missing_widgets_say_how_to_get_them(monkeypatch):
+    real_find_spec = preflight.importlib.util.find_spec
+    monkeypatch.setattr(
+        preflight.importlib.util, "find_spec", lambda name: None if name == "ipywidgets" else real_find_spec(name)
+    )
+    check = preflight.widgets_check()
+    assert not check.ok and "pip install ipywidgets" in check.detail
+
+
+def test_the_command_line_reports_a_ready_machine(capsys):
+    assert main(["preflight", "--device", "cpu", "--no-measure"]) == 0
+    assert "Ready for the course." in capsys.readouterr().out
