@@ -34,17 +34,22 @@ class Notebook:
     name: str
     scaled_seconds: float  # everything but training under a time budget, on the reference machine
     training_steps: int = 0  # steps of a training run capped by ``budget_minutes`` (0: none)
-    budget_minutes: float = 0.0  # that run's time limit on a CPU
+    budget_minutes: float = 0.0  # that run's time limit
+    step_cost: float = 1.0  # one of its steps against a step of the course U-Net on 16x16 digits
 
 
 # Full runs on the reference machine (REFERENCE_MACHINE), `python tools/run_notebooks.py`.
 NOTEBOOKS = [
-    Notebook("00_intuition", 8),
+    Notebook("00_intuition", 12),
     Notebook("01_forward_process", 6),
     Notebook("02_unet", 3),
     Notebook("03_training", 50, training_steps=5000, budget_minutes=4),
     Notebook("04_reverse_process", 184),
     Notebook("05_fewer_steps", 325),
+    Notebook("06_control", 76, training_steps=4000, budget_minutes=8),
+    Notebook("07_latent_diffusion", 105, training_steps=6000, budget_minutes=5, step_cost=0.37),
+    Notebook("08_editing", 220),
+    Notebook("09_road_to_diffusers", 60, training_steps=3000, budget_minutes=4, step_cost=1.5),
 ]
 REFERENCE_MACHINE = "2-core x86_64 CPU (AVX-512), torch 2.14.1, 2026-11-25"
 REFERENCE_SECONDS_PER_STEP = 0.123  # one training step of the course U-Net, batch 128, fp32
@@ -172,7 +177,7 @@ def estimate_minutes(seconds_per_step: float, seconds_per_image_call: float) -> 
     )
     estimates = {}
     for notebook in NOTEBOOKS:
-        training = min(60 * notebook.budget_minutes, notebook.training_steps * seconds_per_step)
+        training = min(60 * notebook.budget_minutes, notebook.training_steps * notebook.step_cost * seconds_per_step)
         estimates[notebook.name] = (notebook.scaled_seconds * ratio + training) / 60
     return estimates, ratio
 
