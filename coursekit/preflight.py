@@ -52,8 +52,8 @@ NOTEBOOKS = [
     Notebook("09_road_to_diffusers", 60, training_steps=3000, budget_minutes=4, step_cost=1.5),
 ]
 REFERENCE_MACHINE = "2-core x86_64 CPU (AVX-512), torch 2.14.1, 2026-11-25"
-REFERENCE_SECONDS_PER_STEP = 0.123  # one training step of the course U-Net, batch 128, fp32
-REFERENCE_SECONDS_PER_IMAGE_CALL = 0.00036  # one U-Net call on one image, in batches of 250
+REFERENCE_SECONDS_PER_STEP = 0.104  # one training step of the course U-Net, batch 128, fp32 (measure_speed)
+REFERENCE_SECONDS_PER_IMAGE_CALL = 0.00029  # one U-Net call on one image, in batches of 250 (measure_speed)
 
 
 @dataclass
@@ -82,7 +82,7 @@ class PreflightReport:
             lines += ["", f"Estimated run times here ({self.speed_ratio:.2g}x the reference machine's time):"]
             lines += [f"     {name:<22} ~{minutes:.0f} min" if minutes >= 1 else f"     {name:<22} <1 min"
                       for name, minutes in self.estimates.items()]  # fmt: skip
-            lines.append("     (rough: within a factor of 2; the first run of a notebook also downloads nothing)")
+            lines.append("     (rough estimates, good to a factor of about 2)")
         lines += ["", "Ready for the course." if self.ready else "Fix the lines marked FIX before the workshop."]
         return "\n".join(lines)
 
