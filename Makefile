@@ -19,10 +19,14 @@ $(VENV)/.installed: pyproject.toml
 
 # The widget test drives the system's Chromium (never a downloaded one). Installed here when we may
 # (root with apt-get, as on CI); elsewhere the test skips and says why.
-browser:
+# Tried once per environment (the stamp), so an offline machine does not retry on every run.
+browser: $(VENV)/.browser-tried
+
+$(VENV)/.browser-tried: | setup
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "no Chromium here: the browser widget test will be skipped"
+	@touch $@
 
 demo: setup
 	$(BIN)/coursekit demo

@@ -248,6 +248,10 @@ def run_train(args: argparse.Namespace) -> int:
     state = train_diffusion(
         dataset, args.run, model_config, args.schedule, args.timesteps, config, conditional=args.conditional
     )
+    if distributed.enabled:
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
     if not distributed.is_main:
         return 0
     final = f"final loss {state.loss_history[-1][1]:.4f}; " if state.loss_history else ""

@@ -54,6 +54,14 @@ class Distributed:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
+    def any_of(self, flags: list[bool], device: torch.device) -> list[bool]:
+        """:meth:`any` for several flags in one exchange."""
+        if not self.enabled:
+            return list(flags)
+        values = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return [bool(value) for value in values.tolist()]
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
@@ -62,7 +70,8 @@ class Distributed:
 def from_environment() -> Distributed:
     """Join the process group that ``torchrun`` describes in the environment (if any).
 
-    Uses NCCL between CUDA GPUs and gloo otherwise (CPUs, or a test on a laptop). Without
+    Uses NCCL for CUDA tensors and gloo for CPU tensors (a CPU run on a GPU machine, or a test on a
+    laptop). Without
     ``WORLD_SIZE`` (or with 1) this is a plain single-process run.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -76,10 +85,11 @@ def from_environment() -> Distributed:
             )
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
-        if backend == "nccl":
+        if torch.cuda.is_available() and dist.is_nccl_available():
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+            dist.init_process_group(backend="cpu:gloo,cuda:nccl")  # each tensor goes by its device
+        else:
+            dist.init_process_group(backend="gloo")
     return Distributed(rank=rank, world_size=world_size, local_rank=local_rank)
 
 

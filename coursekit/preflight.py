@@ -36,6 +36,7 @@ class Notebook:
     training_steps: int = 0  # steps of a training run capped by ``budget_minutes`` (0: none)
     budget_minutes: float = 0.0  # that run's time limit
     step_cost: float = 1.0  # one of its steps against a step of the course U-Net on 16x16 digits
+    whole_budget_off_cuda: bool = False  # without CUDA it trains for the whole budget, whatever the steps
 
 
 # Full runs on the reference machine (REFERENCE_MACHINE), `python tools/run_notebooks.py`.
@@ -43,7 +44,7 @@ NOTEBOOKS = [
     Notebook("00_intuition", 12),
     Notebook("01_forward_process", 6),
     Notebook("02_unet", 3),
-    Notebook("03_training", 50, training_steps=5000, budget_minutes=4),
+    Notebook("03_training", 50, training_steps=5000, budget_minutes=4, whole_budget_off_cuda=True),
     Notebook("04_reverse_process", 184),
     Notebook("05_fewer_steps", 325),
     Notebook("06_control", 76, training_steps=4000, budget_minutes=8),
@@ -133,6 +134,11 @@ def widgets_check() -> Check:
 
 def measure_speed(device: torch.device, steps: int = 3) -> tuple[float, float]:
     """Seconds per training step (batch 128, fp32) and per one-image U-Net call, measured here."""
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random state as it was
+        return _measure_speed(device, steps)
+
+
+def _measure_speed(device: torch.device, steps: int) -> tuple[float, float]:
     from coursekit.losses import noise_prediction_loss
     from coursekit.schedules import make_schedule
     from coursekit.unet import UNet
@@ -160,30 +166,48 @@ def _seconds(function, repeats: int, device: torch.device) -> float:
     function()  # warm-up
     timings = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize(device)
         start = time.perf_counter()
         function()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize(device)  # GPUs run asynchronously: wait for the work, not just its launch
         timings.append(time.perf_counter() - start)
     return min(timings)
 
 
-def estimate_minutes(seconds_per_step: float, seconds_per_image_call: float) -> tuple[dict[str, float], float]:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def estimate_minutes(
+    seconds_per_step: float, seconds_per_image_call: float, device_type: str = "cpu"
+) -> tuple[dict[str, float], float]:
     """Each notebook's minutes here, and this machine's speed ratio to the reference machine."""
     ratio = math.sqrt(
         seconds_per_step / REFERENCE_SECONDS_PER_STEP * seconds_per_image_call / REFERENCE_SECONDS_PER_IMAGE_CALL
     )
     estimates = {}
     for notebook in NOTEBOOKS:
-        training = min(60 * notebook.budget_minutes, notebook.training_steps * notebook.step_cost * seconds_per_step)
+        steps_seconds = notebook.training_steps * notebook.step_cost * seconds_per_step
+        training = min(60 * notebook.budget_minutes, steps_seconds)
+        if notebook.whole_budget_off_cuda:  # notebook 03: a time budget on CPUs and Macs, a step count on CUDA
+            training = steps_seconds if device_type == "cuda" else 60 * notebook.budget_minutes
         estimates[notebook.name] = (notebook.scaled_seconds * ratio + training) / 60
     return estimates, ratio
 
 
 def run_preflight(device: str | torch.device | None = None, measure: bool = True) -> PreflightReport:
-    """Check this machine; ``measure=False`` skips the speed measurement (a few seconds)."""
+    """Check this machine; ``measure=False`` skips the speed measurement (a few seconds).
+
+    Building models to load and to time draws random numbers: the caller's random state is restored.
+    """
+    with torch.random.fork_rng(devices=[]):
+        return _run_preflight(device, measure)
+
+
+def _run_preflight(device: str | torch.device | None, measure: bool) -> PreflightReport:
     report = PreflightReport()
     python_ok = sys.version_info[:2] >= MIN_PYTHON
     report.checks.append(Check("python", python_ok, f"{platform.python_version()} (3.10 or newer needed)"))
@@ -208,9 +232,10 @@ def run_preflight(device: str | torch.device | None = None, measure: bool = True
     report.checks.append(_data_check())
     report.checks.append(_shipped_models_check())
     report.checks.append(widgets_check())
+    report.checks.append(_diffusers_check())
     if measure:
         seconds_per_step, seconds_per_image_call = measure_speed(chosen)
-        report.estimates, report.speed_ratio = estimate_minutes(seconds_per_step, seconds_per_image_call)
+        report.estimates, report.speed_ratio = estimate_minutes(seconds_per_step, seconds_per_image_call, chosen.type)
     return report
 
 
@@ -233,3 +258,12 @@ def _shipped_models_check() -> Check:
     except Exception as error:  # a damaged install
         return Check("models", False, f"a shipped model does not load ({error}); reinstall coursekit")
     return Check("models", True, "both shipped models load (for skipping the training)")
+
+
+def _diffusers_check() -> Check:
+    """Only the closing notebook 09 needs diffusers: its absence is a note, not a FIX."""
+    if importlib.util.find_spec("diffusers") is None:
+        return Check("diffusers", True, "not installed; only notebook 09 needs it: pip install diffusers")
+    import diffusers
+
+    return Check("diffusers", True, f"{diffusers.__version__} (for notebook 09)")

@@ -268,7 +268,9 @@ def train(
     parallel_model = model
     if distributed.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
-        parallel_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        parallel_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)  # rank 0's weights
+        if payload is None:
+            ema.model.load_state_dict(model.state_dict())  # the average starts from those weights everywhere
 
     def save() -> None:
         if checkpoint_path is not None and distributed.is_main:  # one writer
@@ -293,7 +295,9 @@ def train(
     interval_start = last_save = time.perf_counter()
     elapsed_before = state.elapsed_seconds
     run_start = time.perf_counter()
-    finished = distributed.any(not budget_left(), device)  # processes stop together
+    finished = not budget_left()  # the processes' clocks differ: they decide together (below)
+    if distributed.enabled:
+        finished = distributed.any(finished, device)
     try:
         while not finished:
             # 1. Warm-up: the learning rate rises linearly over the first steps
@@ -318,7 +322,13 @@ def train(
             interval_steps += 1
             bar.update(1)
             # 5. Now and then: record the loss, check it, save, call back
-            finished = distributed.any(not budget_left(), device)
+            due_by_time = (
+                config.checkpoint_every_minutes is not None
+                and time.perf_counter() - last_save > 60 * config.checkpoint_every_minutes
+            )
+            finished, due_by_time = not budget_left(), due_by_time
+            if distributed.enabled and (config.max_minutes is not None or config.checkpoint_every_minutes is not None):
+                finished, due_by_time = distributed.any_of([finished, due_by_time], device)  # one decision for all
             if state.step % config.log_every == 0 or finished:
                 mean_loss = distributed.mean(running_loss / interval_steps).item()  # one device sync per interval
                 _check_finite(mean_loss, state.step, config, checkpoint_path)
@@ -329,13 +339,10 @@ def train(
                 running_loss.zero_()
                 interval_steps, interval_start = 0, now
             due_by_steps = config.checkpoint_every_steps and state.step % config.checkpoint_every_steps == 0
-            due_by_time = (
-                config.checkpoint_every_minutes is not None
-                and time.perf_counter() - last_save > 60 * config.checkpoint_every_minutes
-            )
             if (due_by_steps or due_by_time) and not finished:
-                if interval_steps:
-                    _check_finite((running_loss / interval_steps).item(), state.step, config, checkpoint_path)
+                if interval_steps:  # never save weights that a NaN in any process's share has reached
+                    recent_loss = distributed.mean(running_loss / interval_steps).item()
+                    _check_finite(recent_loss, state.step, config, checkpoint_path)
                 save()
                 last_save = time.perf_counter()
             if (
@@ -417,7 +424,8 @@ def _payload(model, ema, optimizer, scaler, generator, state, config, metadata) 
             "generator": generator.get_state(),
             "generator_device": str(generator.device),
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # this process's GPU only: a run from 4 GPUs must resume on 1 (Colab) too
+            "cuda": [torch.cuda.get_rng_state(generator.device)] if generator.device.type == "cuda" else [],
         },
         "train_config": asdict(config),
         "metadata": metadata or {},
@@ -442,8 +450,8 @@ def _restore(payload, path, model, ema, optimizer, scaler, generator, state) -> 
             )
             generator.manual_seed(generator.initial_seed() + int(payload["step"]))
         torch.set_rng_state(rng["torch"].cpu())
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        if rng["cuda"] and generator.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"][0].cpu(), generator.device)
         state.step = int(payload["step"])
         state.elapsed_seconds = float(payload["elapsed_seconds"])
         state.loss_history = [(int(s), float(v)) for s, v in payload["loss_history"]]

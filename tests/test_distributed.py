@@ -26,6 +26,8 @@ TOLERANCE = 1e-5
 def torchrun(run_dir: Path, steps: int, log_dir: Path) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     environment.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), str(HERE.parent)]))
+    if sys.platform.startswith("linux"):
+        environment.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback, whatever the host name resolves to
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "--log-dir", str(log_dir), "--redirects", "3",
@@ -43,9 +45,13 @@ def weights(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
-    torch.set_num_threads(1)
-    model, data, loss_fn, config = make_run(8, micro_batches=2)
-    single = train(model, data, loss_fn, config, run_dir=root / "single")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process has
+    try:
+        model, data, loss_fn, config = make_run(8, micro_batches=2)
+        single = train(model, data, loss_fn, config, run_dir=root / "single")
+    finally:
+        torch.set_num_threads(threads)
     (root / "two").mkdir()
     torchrun(root / "two" / "run", 8, root / "logs-two")
     (root / "resumed").mkdir()
@@ -71,7 +77,9 @@ def test_only_rank_zero_writes_checkpoints_and_logs(runs):
     root, _ = runs
     assert (root / "two" / "saves-rank0.txt").read_text().splitlines() == ["checkpoint.pt step 8"]
     assert not (root / "two" / "saves-rank1.txt").exists()
-    stderr = {rank: "".join(p.read_text() for p in (root / "logs-two").rglob(f"{rank}/stderr.log")) for rank in (0, 1)}
+    logs = {rank: sorted((root / "logs-two").rglob(f"{rank}/stderr.log")) for rank in (0, 1)}
+    assert logs[0] and logs[1], "torchrun wrote no per-rank logs"
+    stderr = {rank: "".join(path.read_text() for path in paths) for rank, paths in logs.items()}
     assert "training" in stderr[0] and "training" not in stderr[1]  # the progress bar
     assert sorted(p.name for p in (root / "two" / "run").iterdir()) == ["checkpoint.pt"]
 

@@ -4,15 +4,28 @@ import shutil
 from collections import namedtuple
 
 import pytest
+import torch
 
 from coursekit import preflight
 from coursekit.cli import main
 
 
-def test_the_report_covers_the_machine_data_widgets_and_run_times(capsys):
+@pytest.fixture
+def roomy_machine(monkeypatch):
+    """Plenty of memory and disk, whatever the test machine has free at the moment."""
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(preflight, "free_memory_gb", lambda: 16.0)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+
+
+def test_the_report_covers_the_machine_data_widgets_and_run_times(roomy_machine):
+    torch.manual_seed(7)
+    expected = torch.rand(2)
+    torch.manual_seed(7)
     report = preflight.run_preflight("cpu", measure=True)
+    assert torch.equal(torch.rand(2), expected)  # the measurement leaves the random state alone
     names = [check.name for check in report.checks]
-    assert names == ["python", "torch", "device", "memory", "disk", "data", "models", "widgets"]
+    assert names == ["python", "torch", "device", "memory", "disk", "data", "models", "widgets", "diffusers"]
     assert report.ready, report.summary()
     assert list(report.estimates) == [notebook.name for notebook in preflight.NOTEBOOKS]
     assert all(minutes > 0 for minutes in report.estimates.values())
@@ -35,9 +48,11 @@ def test_estimates_scale_with_speed_and_respect_time_budgets():
     assert slow_ratio == pytest.approx(4.0)
     assert slow["04_reverse_process"] == pytest.approx(4 * here["04_reverse_process"])
     assert slow["03_training"] == pytest.approx(4 * reference["03_training"].scaled_seconds / 60 + 4)
-    # a fast GPU finishes the 5000 steps long before the budget
-    fast, _ = preflight.estimate_minutes(0.005, 1e-6)
+    # a fast GPU trains 03 for its 5000 steps, a fast CPU or Mac for its whole 4-minute budget
+    fast, _ = preflight.estimate_minutes(0.005, 1e-6, device_type="cuda")
     assert fast["03_training"] < 1
+    fast_cpu, _ = preflight.estimate_minutes(0.005, 1e-6, device_type="mps")
+    assert fast_cpu["03_training"] == pytest.approx(4, abs=0.05)  # the budget, plus seconds of the rest
 
 
 def test_a_full_disk_is_reported_with_what_to_do(monkeypatch, capsys):
@@ -60,6 +75,6 @@ def test_missing_widgets_say_how_to_get_them(monkeypatch):
     assert not check.ok and "pip install ipywidgets" in check.detail
 
 
-def test_the_command_line_reports_a_ready_machine(capsys):
+def test_the_command_line_reports_a_ready_machine(roomy_machine, capsys):
     assert main(["preflight", "--device", "cpu", "--no-measure"]) == 0
     assert "Ready for the course." in capsys.readouterr().out
