@@ -7,6 +7,7 @@ rounding (the sums happen in a different order): weights within 1e-5 after 8 ste
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,11 @@ def runs(tmp_path_factory):
     torchrun(root / "two" / "run", 8, root / "logs-two")
     (root / "resumed").mkdir()
     torchrun(root / "resumed" / "run", 4, root / "logs-first-half")
+    shutil.copytree(root / "resumed" / "run", root / "on-one-process")
     torchrun(root / "resumed" / "run", 8, root / "logs-second-half")
+    model, data, loss_fn, config = make_run(8, micro_batches=2)  # the second half in one process
+    config.progress = False
+    train(model, data, loss_fn, config, run_dir=root / "on-one-process")
     return root, single
 
 
@@ -112,3 +117,10 @@ def test_micro_batches_add_up_to_the_whole_batch():
     assert (outputs[0] - outputs[1]).abs().max() < 1e-5
     with pytest.raises(ValueError, match="multiple of micro_batches"):
         make_run(3, micro_batches=5)
+
+
+def test_a_two_process_run_can_finish_in_one_process_with_micro_batches(runs):
+    # e.g. started on a 2-GPU machine, finished on a laptop: the same shards, so the same result
+    root, _ = runs
+    two, finished_alone = weights(root / "two" / "run"), weights(root / "on-one-process")
+    assert max((two[name] - finished_alone[name]).abs().max().item() for name in two) < TOLERANCE
