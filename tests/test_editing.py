@@ -17,13 +17,7 @@ STD = torch.tensor([[[0.3, 0.5], [0.2, 0.4]]], dtype=torch.float64)
 MASK = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]], dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small: on a busy 2-core machine, handing them between threads costs more than the sums."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _moment_errors(samples, mean, std):

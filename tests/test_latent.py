@@ -23,15 +23,7 @@ from coursekit.runs import generate, load_run
 from coursekit.training import TrainConfig
 from coursekit.unet import UNet, UNetConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are tiny: a second thread gains nothing, and on a busy 2-core machine OpenMP
-    # threads that wait for each other made the short training below a hundred times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train_config(steps: int) -> TrainConfig:
