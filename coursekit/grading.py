@@ -175,6 +175,8 @@ def _plain(output):
         return output.detach().cpu().clone() if type(output) is torch.Tensor else torch.Tensor(output.cpu())
     if isinstance(output, dict):
         return {str(key): _plain(value) for key, value in output.items()}
+    if isinstance(output, (tuple, list)):  # e.g. (x_t, t) in 08.q1
+        return type(output)(_plain(value) for value in output)
     if isinstance(output, (int, float, str, bool)) or output is None:
         return output
     return {"error": "TypeError", "message": f"returned a {type(output).__name__}, not a tensor"}
