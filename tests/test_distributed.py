@@ -46,22 +46,22 @@ def weights(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun process has
-    try:
-        model, data, loss_fn, config = make_run(8, micro_batches=2)
-        single = train(model, data, loss_fn, config, run_dir=root / "single")
-    finally:
-        torch.set_num_threads(threads)
     (root / "two").mkdir()
     torchrun(root / "two" / "run", 8, root / "logs-two")
     (root / "resumed").mkdir()
     torchrun(root / "resumed" / "run", 4, root / "logs-first-half")
     shutil.copytree(root / "resumed" / "run", root / "on-one-process")
     torchrun(root / "resumed" / "run", 8, root / "logs-second-half")
-    model, data, loss_fn, config = make_run(8, micro_batches=2)  # the second half in one process
-    config.progress = False
-    train(model, data, loss_fn, config, run_dir=root / "on-one-process")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process has: the same order of float sums
+    try:
+        model, data, loss_fn, config = make_run(8, micro_batches=2)
+        single = train(model, data, loss_fn, config, run_dir=root / "single")
+        model, data, loss_fn, config = make_run(8, micro_batches=2)  # the second half in one process
+        config.progress = False
+        train(model, data, loss_fn, config, run_dir=root / "on-one-process")
+    finally:
+        torch.set_num_threads(threads)
     return root, single
 
 
@@ -120,7 +120,14 @@ def test_micro_batches_add_up_to_the_whole_batch():
 
 
 def test_a_two_process_run_can_finish_in_one_process_with_micro_batches(runs):
-    # e.g. started on a 2-GPU machine, finished on a laptop: the same shards, so the same result
+    # e.g. started on a 2-GPU machine, finished on a laptop: the same shards, so the same model.
+    # Compared by output: AdamW turns rounding noise in gradients that are zero in exact arithmetic
+    # (conv biases just before a GroupNorm) into full steps of weights that change no output.
     root, _ = runs
-    two, finished_alone = weights(root / "two" / "run"), weights(root / "on-one-process")
-    assert max((two[name] - finished_alone[name]).abs().max().item() for name in two) < TOLERANCE
+    outputs = []
+    for folder in (root / "two" / "run", root / "on-one-process"):
+        model, (images, labels), _, _ = make_run(0, micro_batches=1)
+        model.load_state_dict(weights(folder))
+        with torch.no_grad():
+            outputs.append(model.eval()(images, torch.full((64,), 40), class_labels=labels))
+    assert (outputs[0] - outputs[1]).abs().max() < TOLERANCE
