@@ -23,7 +23,15 @@ from collections.abc import Iterator
 import torch
 
 from coursekit.forward import add_noise, noising_step, posterior_mean_variance, predict_x0
-from coursekit.samplers import NoisePredictor, SamplerStep, _check_start, _randn_like, ddpm_steps, final_state
+from coursekit.samplers import (
+    NoisePredictor,
+    SamplerStep,
+    _check_start,
+    _randn_like,
+    ddpm_steps,
+    final_state,
+    resolve_clip,
+)
 from coursekit.schedules import NoiseSchedule
 
 
@@ -48,7 +56,7 @@ def edit(
     strength: float,
     *,
     generator: torch.Generator | None = None,
-    clip_x0: bool = True,
+    clip_x0: bool | None = None,
 ) -> torch.Tensor:
     """SDEdit: noise ``images`` to the timestep ``strength`` picks, then denoise them with DDPM.
 
@@ -80,7 +88,7 @@ def inpaint_steps(
     *,
     generator: torch.Generator | None = None,
     resample: int = 1,
-    clip_x0: bool = True,
+    clip_x0: bool | None = None,
 ) -> Iterator[SamplerStep]:
     """RePaint (Algorithm 1): fill in where ``mask`` is 0, keep ``images`` where it is 1.
 
@@ -106,6 +114,7 @@ def inpaint_steps(
     """
     x = _check_start(x_T)
     images, mask = _check_inpaint_inputs(images, mask, x, resample)
+    clip_x0 = resolve_clip(clip_x0, x)  # on by default for image batches
     variances = schedule.posterior_variance()
     for step in reversed(range(schedule.num_steps)):
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)

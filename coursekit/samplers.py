@@ -42,7 +42,7 @@ def ddpm_steps(
     *,
     generator: torch.Generator | None = None,
     variance: str = "posterior",
-    clip_x0: bool = False,
+    clip_x0: bool | None = None,
     start_t: int | None = None,
 ) -> Iterator[SamplerStep]:
     """Ancestral sampling, DDPM Algorithm 2, over every timestep T-1, ..., 0.
@@ -51,7 +51,8 @@ def ddpm_steps(
     ``x_{t-1} ~ N(mu, sigma_t^2)`` with the true posterior's mean for that guess (Eqs. 6-7; the
     same as Eq. 11 when nothing is clipped). ``variance`` chooses sigma_t^2: ``"posterior"``
     (beta_tilde_t, the "fixed small" choice) or ``"beta"`` (beta_t, "fixed large"); the paper
-    found both similar at 1000 steps. ``clip_x0`` clips the x0 guess to the image range [-1, 1].
+    found both similar at 1000 steps. ``clip_x0`` clips the x0 guess to the image range [-1, 1]; by
+    default it does so for image batches (B, C, H, W), see :func:`resolve_clip`.
     ``start_t`` starts part-way: ``x_T`` is then a partly noised ``x_{start_t}`` (for example from
     ``add_noise``), and the loop runs start_t, ..., 0 (notebook 04's experiments, and editing).
     """
@@ -62,6 +63,7 @@ def ddpm_steps(
     if not 0 <= start_t < schedule.num_steps:
         raise ValueError(f"start_t must lie in [0, {schedule.num_steps - 1}], got {start_t}")
     variances = schedule.posterior_variance() if variance == "posterior" else schedule.betas
+    clip_x0 = resolve_clip(clip_x0, x)
     for step in reversed(range(start_t + 1)):
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
         with torch.no_grad():
@@ -100,7 +102,7 @@ def ddim_steps(
     num_steps: int = 50,
     timesteps: list[int] | None = None,
     eta: float = 0.0,
-    clip_x0: bool = False,
+    clip_x0: bool | None = None,
 ) -> Iterator[SamplerStep]:
     """DDIM sampling (Song et al., arXiv:2010.02502v4, Eq. 12) over a subset of timesteps.
 
@@ -110,6 +112,7 @@ def ddim_steps(
     with sigma = eta * sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t / alpha_bar_prev)
     (Eq. 16). ``eta = 0`` is deterministic; ``eta = 1`` over every timestep is the DDPM step with
     the posterior variance. Pass ``timesteps`` (decreasing) to choose the subset yourself.
+    ``clip_x0`` as in :func:`ddpm_steps` (on by default for image batches).
     """
     x = _check_start(x_T)
     if eta < 0:
@@ -117,6 +120,7 @@ def ddim_steps(
     if timesteps is None:
         timesteps = ddim_timesteps(schedule.num_steps, num_steps)
     timesteps = _check_timesteps(timesteps, schedule)
+    clip_x0 = resolve_clip(clip_x0, x)
     for index, step in enumerate(timesteps):
         previous = timesteps[index + 1] if index + 1 < len(timesteps) else -1
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
@@ -143,7 +147,7 @@ def dpm_solver_steps(
     generator: torch.Generator | None = None,
     num_steps: int = 20,
     timesteps: list[int] | None = None,
-    clip_x0: bool = False,
+    clip_x0: bool | None = None,
 ) -> Iterator[SamplerStep]:
     """DPM-Solver++(2M) (Lu et al., arXiv:2211.01095v2, Algorithm 2): a second-order multistep solver.
 
@@ -160,11 +164,13 @@ def dpm_solver_steps(
     infinite), so both use ``D = x0_pred``: the first-order update, which is exactly DDIM with eta = 0.
     ``num_steps`` model calls over the same timesteps as :func:`ddim_steps`; ``generator`` is unused
     (the solver is deterministic) and accepted so that every sampler has one signature.
+    ``clip_x0`` as in :func:`ddpm_steps` (on by default for image batches).
     """
     x = _check_start(x_T)
     if timesteps is None:
         timesteps = ddim_timesteps(schedule.num_steps, num_steps)
     timesteps = _check_timesteps(timesteps, schedule)
+    clip_x0 = resolve_clip(clip_x0, x)
     previous_x0_pred, previous_h = None, None
     for index, step in enumerate(timesteps):
         following = timesteps[index + 1] if index + 1 < len(timesteps) else -1  # -1: the clean image
@@ -268,6 +274,31 @@ def with_guidance(
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
     return guided_model
+
+
+def resolve_clip(clip_x0: bool | None, x: torch.Tensor) -> bool:
+    """Whether a sampler clips its guess of the clean image to [-1, 1]; ``None`` picks the default.
+
+    Images in the package lie in [-1, 1], so for an image batch (B, C, H, W) the default is to clip.
+    Without it, the first step from pure noise goes wrong on the cosine schedule: its last beta is
+    capped at 0.999, so alpha_bar_{T-1} is about 2.4e-9 and the guess
+    x0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)   (DDPM Eq. 15)
+    multiplies the model's small error in eps by 1 / sqrt(alpha_bar_t), about 20,000; DDIM and
+    DPM-Solver++ then carry that guess to the end. Clipping keeps the guess an image
+    (diffusers' schedulers clip by default for the same reason).
+
+    Data that does not live in [-1, 1] must say so: latent codes (notebook 07) pass
+    ``clip_x0=False``; for other shapes (2-D points, test vectors) there is no safe default, and the
+    sampler asks for ``clip_x0=True`` or ``False``.
+    """
+    if clip_x0 is not None:
+        return bool(clip_x0)
+    if x.ndim == 4:
+        return True
+    raise ValueError(
+        f"x_T has shape {tuple(x.shape)}, not an image batch (B, C, H, W), so there is no safe default for clip_x0: "
+        "pass clip_x0=False for data outside [-1, 1] (points, latent codes), or clip_x0=True to keep x0 guesses in [-1, 1]"
+    )
 
 
 def _check_timesteps(timesteps: list[int], schedule: NoiseSchedule) -> list[int]:

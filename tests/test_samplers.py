@@ -27,7 +27,7 @@ def test_ddpm_with_the_oracle_reproduces_the_data_distribution(name, variance):
     oracle = GaussianOracle(MEAN, STD, schedule)
     generator = torch.Generator().manual_seed(0)
     x_T = torch.randn(100_000, 3, dtype=torch.float64, generator=generator)
-    samples = ddpm_sample(oracle, schedule, x_T, generator=generator, variance=variance)
+    samples = ddpm_sample(oracle, schedule, x_T, generator=generator, variance=variance, clip_x0=False)
     mean_error = (samples.mean(0) - MEAN).abs().max().item()
     std_error = ((samples.std(0) - STD) / STD).abs().max().item()
     print(f"DDPM {name}/{variance}: mean error {mean_error:.4f}, relative std error {std_error:.4f}")
@@ -43,7 +43,7 @@ def _affine_moments(sampler, schedule, **options):
     """
     oracle = GaussianOracle(MEAN, STD, schedule)
     x_T = torch.stack([torch.zeros(3), torch.ones(3)]).double()
-    out = sampler(oracle, schedule, x_T, **options)
+    out = sampler(oracle, schedule, x_T, **options, clip_x0=False)
     return out[0], (out[1] - out[0]).abs()
 
 
@@ -81,8 +81,10 @@ def test_ddim_with_eta_one_on_every_step_is_the_ddpm_posterior_step():
     schedule = make_schedule("linear", 1000)
     oracle = GaussianOracle(MEAN, STD, schedule)
     x_T = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    ddpm = ddpm_sample(oracle, schedule, x_T, generator=torch.Generator().manual_seed(4))
-    ddim = ddim_sample(oracle, schedule, x_T, generator=torch.Generator().manual_seed(4), num_steps=1000, eta=1.0)
+    ddpm = ddpm_sample(oracle, schedule, x_T, generator=torch.Generator().manual_seed(4), clip_x0=False)
+    ddim = ddim_sample(
+        oracle, schedule, x_T, generator=torch.Generator().manual_seed(4), num_steps=1000, eta=1.0, clip_x0=False
+    )
     assert torch.allclose(ddpm, ddim, atol=1e-9)
 
 
@@ -90,11 +92,11 @@ def test_ddim_with_eta_zero_is_deterministic_and_ddpm_is_not():
     schedule = make_schedule("cosine", 100)
     oracle = GaussianOracle(MEAN, STD, schedule)
     x_T = torch.randn(16, 3, dtype=torch.float64)
-    first = ddim_sample(oracle, schedule, x_T, num_steps=10, generator=torch.Generator().manual_seed(0))
-    second = ddim_sample(oracle, schedule, x_T, num_steps=10, generator=torch.Generator().manual_seed(1))
+    first = ddim_sample(oracle, schedule, x_T, num_steps=10, generator=torch.Generator().manual_seed(0), clip_x0=False)
+    second = ddim_sample(oracle, schedule, x_T, num_steps=10, generator=torch.Generator().manual_seed(1), clip_x0=False)
     assert torch.equal(first, second)
-    first = ddpm_sample(oracle, schedule, x_T, generator=torch.Generator().manual_seed(0))
-    second = ddpm_sample(oracle, schedule, x_T, generator=torch.Generator().manual_seed(1))
+    first = ddpm_sample(oracle, schedule, x_T, generator=torch.Generator().manual_seed(0), clip_x0=False)
+    second = ddpm_sample(oracle, schedule, x_T, generator=torch.Generator().manual_seed(1), clip_x0=False)
     assert not torch.allclose(first, second)
 
 
@@ -102,10 +104,10 @@ def test_samplers_yield_every_intermediate_state():
     schedule = make_schedule("linear", 50)
     oracle = GaussianOracle(MEAN, STD, schedule)
     x_T = torch.randn(4, 3, dtype=torch.float64)
-    steps = list(ddpm_steps(oracle, schedule, x_T))
+    steps = list(ddpm_steps(oracle, schedule, x_T, clip_x0=False))
     assert [s.t for s in steps] == list(range(49, -1, -1))
     assert all(s.x.shape == x_T.shape and s.x0_pred.shape == x_T.shape for s in steps)
-    steps = list(ddim_steps(oracle, schedule, x_T, timesteps=[40, 20, 5]))
+    steps = list(ddim_steps(oracle, schedule, x_T, timesteps=[40, 20, 5], clip_x0=False))
     assert [s.t for s in steps] == [40, 20, 5]
 
 
@@ -159,7 +161,7 @@ def test_ddpm_can_start_part_way_from_a_noised_sample():
     from coursekit.forward import add_noise
 
     x_t, _ = add_noise(x0, torch.full((len(x0),), 300), schedule, generator=generator)
-    steps = list(ddpm_steps(oracle, schedule, x_t, generator=generator, start_t=300))
+    steps = list(ddpm_steps(oracle, schedule, x_t, generator=generator, start_t=300, clip_x0=False))
     assert [s.t for s in steps][:2] == [300, 299] and steps[-1].t == 0
     samples = steps[-1].x
     assert (samples.mean(0) - MEAN).abs().max() < 0.03
@@ -185,7 +187,12 @@ def _exact_flow_map(schedule, x_T):
 def _flow_error(sampler, schedule, num_steps):
     oracle = GaussianOracle(MEAN, STD, schedule)
     x_T = torch.linspace(-3, 3, 7, dtype=torch.float64)[:, None].expand(7, 3).clone()
-    return (sampler(oracle, schedule, x_T, num_steps=num_steps) - _exact_flow_map(schedule, x_T)).abs().max().item()
+    return (
+        (sampler(oracle, schedule, x_T, num_steps=num_steps, clip_x0=False) - _exact_flow_map(schedule, x_T))
+        .abs()
+        .max()
+        .item()
+    )
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
@@ -218,10 +225,11 @@ def test_dpm_solver_with_two_steps_is_ddim():
     oracle = GaussianOracle(MEAN, STD, schedule)
     x_T = torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(
-        dpm_solver_sample(oracle, schedule, x_T, num_steps=2), ddim_sample(oracle, schedule, x_T, num_steps=2)
+        dpm_solver_sample(oracle, schedule, x_T, num_steps=2, clip_x0=False),
+        ddim_sample(oracle, schedule, x_T, num_steps=2, clip_x0=False),
     )
-    first_dpm = next(dpm_solver_steps(oracle, schedule, x_T, num_steps=20))
-    first_ddim = next(ddim_steps(oracle, schedule, x_T, num_steps=20))
+    first_dpm = next(dpm_solver_steps(oracle, schedule, x_T, num_steps=20, clip_x0=False))
+    first_ddim = next(ddim_steps(oracle, schedule, x_T, num_steps=20, clip_x0=False))
     assert torch.allclose(first_dpm.x, first_ddim.x, atol=1e-12)
 
 
@@ -244,7 +252,9 @@ def test_dpm_solver_matches_diffusers():
         for t in scheduler.timesteps:
             x = scheduler.step(oracle(x, torch.full((16,), int(t))), t, x).prev_sample
         # diffusers keeps its schedule in float32; ours is float64, hence the tolerance
-        assert torch.allclose(dpm_solver_sample(oracle, schedule, x_T, timesteps=timesteps), x, atol=1e-5)
+        assert torch.allclose(
+            dpm_solver_sample(oracle, schedule, x_T, timesteps=timesteps, clip_x0=False), x, atol=1e-5
+        )
 
 
 def test_dpm_solver_is_registered_and_deterministic():
@@ -252,8 +262,8 @@ def test_dpm_solver_is_registered_and_deterministic():
     oracle = GaussianOracle(MEAN, STD, schedule)
     x_T = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     assert get_sampler("dpm++2m") is dpm_solver_steps
-    steps = list(dpm_solver_steps(oracle, schedule, x_T, num_steps=10))
+    steps = list(dpm_solver_steps(oracle, schedule, x_T, num_steps=10, clip_x0=False))
     assert [step.t for step in steps] == ddim_timesteps(100, 10)
-    assert torch.equal(steps[-1].x, dpm_solver_sample(oracle, schedule, x_T, num_steps=10))
+    assert torch.equal(steps[-1].x, dpm_solver_sample(oracle, schedule, x_T, num_steps=10, clip_x0=False))
     with pytest.raises(ValueError, match="strictly decreasing"):
         dpm_solver_sample(oracle, schedule, x_T, timesteps=[10, 20])
