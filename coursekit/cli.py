@@ -76,13 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="score samples against held-out real images",
-        description="Draw samples and score them with the download-free "
-        "Fréchet distance, next to the real-vs-real distance.",
+        help="score samples (or real images) with the yardstick: KID with an interval, beside real images",
+        description="Draw samples from a run and score them with the download-free yardstick: the Kernel "
+        "Inception Distance with a 95%% interval and the Fréchet distance, each beside what unseen real images "
+        "score at the same count, a test of whether the samples can be told apart from real images, and the "
+        "share of near-copies of training images. --real scores real images that took no part in the metric "
+        "instead: a self-check that must come out indistinguishable.",
     )
     evaluate.add_argument("--run", default="runs/demo", help="run folder to load (default: %(default)s)")
+    evaluate.add_argument("--real", action="store_true", help="score held-out real images instead of samples")
+    evaluate.add_argument("--dataset", default=None, help="with --real: the dataset (default: digits)")
     evaluate.add_argument("--data-root", default="data", help="where torchvision datasets live")
-    evaluate.add_argument("--samples", type=int, default=1000, help="samples to score (default: %(default)s)")
+    evaluate.add_argument(
+        "--samples", type=int, default=None, help="images to score (default: the most the data allows)"
+    )
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     _add_sampling_options(evaluate)
     evaluate.set_defaults(handler=run_evaluate)
 
@@ -94,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--run", default="runs/demo", help="run folder (default: %(default)s)")
     demo.add_argument("--minutes", type=float, default=4.0, help="training time budget (default: %(default)s)")
-    demo.add_argument("--samples", type=int, default=1000, help="samples to score (default: %(default)s)")
+    demo.add_argument("--samples", type=int, default=None, help="samples to score (default: the most the data allows)")
     demo.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default: %(default)s)")
     demo.set_defaults(handler=run_demo)
 
@@ -299,43 +307,92 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    report = _evaluate(
-        args.run, args.samples, args.sampler, args.steps, args.eta, args.seed, args.device, args.data_root
-    )
-    print(report.summary())
+    from coursekit.data import DATASETS
+
+    # Refuse bad input before any work (loading, training the classifier, sampling)
+    if args.real:
+        dataset = args.dataset or "digits"
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; choose one of {list(DATASETS)}")
+    else:
+        if args.dataset is not None:
+            raise ValueError("--dataset goes with --real; a run is scored against the dataset it was trained on")
+        _check_run_folder(args.run)
+        _check_sampling_options(args)
+        dataset = None
+    if args.samples is not None and args.samples < 1:
+        raise ValueError(f"--samples must be positive, got {args.samples}")
+    record = _evaluate(
+        args.run, args.samples, args.sampler, args.steps, args.eta, args.seed, args.device, args.data_root,
+        real_dataset=dataset, quiet=args.json,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(record["summary"])
     return 0
 
 
-def _evaluate(run_dir, samples, sampler, steps, eta, seed, device, data_root="data"):
-    from coursekit.data import load_dataset
-    from coursekit.quality import evaluate_samples, load_or_train_classifier
+def _check_run_folder(run_dir) -> None:
+    from coursekit.training import CHECKPOINT_NAME
+
+    if not (Path(run_dir) / CHECKPOINT_NAME).exists():
+        raise ValueError(
+            f"{run_dir} holds no {CHECKPOINT_NAME}: train into it first (coursekit train --run {run_dir}), "
+            "or pass --run with a trained run folder"
+        )
+
+
+def _check_sampling_options(args: argparse.Namespace) -> None:
+    from coursekit.samplers import SAMPLERS
+
+    if args.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {args.sampler!r}; choose one of {sorted(SAMPLERS)}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be positive, got {args.steps}")
+    if not 0 <= args.eta <= 1:
+        raise ValueError(f"--eta must lie in [0, 1], got {args.eta}")
+
+
+def _evaluate(
+    run_dir, samples, sampler, steps, eta, seed, device, data_root="data", real_dataset=None, quiet=False
+) -> dict:
+    """Score a run's samples (or, with ``real_dataset``, held-out real images); returns the JSON record."""
+    from coursekit.quality import Yardstick, split_real_images
     from coursekit.runs import generate, load_run
 
-    run = load_run(run_dir, device=device)
-    name = run.metadata["dataset"]
-    train_set = load_dataset(name, root=data_root, train=True)
-    held_out = load_dataset(name, root=data_root, train=False)
-    print("preparing the quality classifier (trained once, then cached in the run folder)...")
-    classifier, accuracy = load_or_train_classifier(train_set, held_out, run_dir)
-    images, _ = generate(
-        run.model,
-        run.schedule,
-        tuple(run.metadata["image_shape"]),
-        samples,
-        sampler=sampler,
-        num_steps=steps,
-        eta=eta,
-        seed=seed,
-    )
-    report = evaluate_samples(images, train_set, held_out, classifier, accuracy)
-    record = {
-        **report.to_dict(),
-        "sampler": sampler,
-        "steps": run.schedule.num_steps if sampler == "ddpm" else steps,
-        "training_steps": run.step,
-    }
-    (Path(run_dir) / "quality.json").write_text(json.dumps(record, indent=2))
-    return report
+    run = None if real_dataset else load_run(run_dir, device=device)
+    name = real_dataset or run.metadata["dataset"]
+    splits = split_real_images(name, root=data_root)
+    count = splits.max_samples if samples is None else samples
+    if not 10 <= count <= splits.max_samples:
+        raise ValueError(
+            f"--samples must lie between 10 and {splits.max_samples} for {name!r}: the floor needs as many "
+            f"real images that the metric never saw, got {count}"
+        )
+    if not quiet:
+        print("preparing the yardstick (its classifier is trained once, then cached)...", file=sys.stderr)
+    cache = Path(run_dir) if run is not None else Path(data_root)
+    yardstick = Yardstick.for_dataset(name, root=data_root, cache_dir=cache)
+    if run is None:
+        report = yardstick.score_real(count)
+        record = {**report.to_dict(), "scored": f"{count} held-out real images of {name}"}
+    else:
+        images, _ = generate(
+            run.model, run.schedule, tuple(run.metadata["image_shape"]), count,
+            sampler=sampler, num_steps=steps, eta=eta, seed=seed, progress=not quiet,
+        )  # fmt: skip
+        report = yardstick.score(images)
+        record = {
+            **report.to_dict(),
+            "sampler": sampler,
+            "steps": run.schedule.num_steps if sampler == "ddpm" else steps,
+            "training_steps": run.step,
+        }
+        (Path(run_dir) / "quality.json").write_text(json.dumps(record, indent=2))
+    record["dataset"] = name
+    record["summary"] = report.summary()
+    return record
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -366,13 +423,13 @@ def run_demo(args: argparse.Namespace) -> int:
         out=None,
     )
     run_sample(sample_args)
-    print(f"3/3 scoring {args.samples} samples against held-out digits")
-    report = _evaluate(args.run, args.samples, "ddim", 50, 0.0, 0, args.device)
-    print(report.summary())
+    print("3/3 scoring samples with the yardstick: KID beside what unseen real digits score")
+    record = _evaluate(args.run, args.samples, "ddim", 50, 0.0, 0, args.device)
+    print(record["summary"])
     print(f"\ndone in {(time.perf_counter() - started) / 60:.1f} min. Look at:")
     print(f"  {args.run}/samples.png   64 new digits, painted from pure noise")
     print(f"  {args.run}/reverse.gif   the reverse process, noise to digits")
-    print(f"  {args.run}/quality.json  the score; the real-vs-real distance is the floor")
+    print(f"  {args.run}/quality.json  the score (KID with its interval), beside what real digits score")
     print("Next: open notebooks/00_intuition.ipynb (jupyter lab), or train longer with")
     print(f"  coursekit train --run {args.run} --minutes {2 * args.minutes:g}   (resumes this run)")
     return 0

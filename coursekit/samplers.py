@@ -297,7 +297,8 @@ def resolve_clip(clip_x0: bool | None, x: torch.Tensor) -> bool:
         return True
     raise ValueError(
         f"x_T has shape {tuple(x.shape)}, not an image batch (B, C, H, W), so there is no safe default for clip_x0: "
-        "pass clip_x0=False for data outside [-1, 1] (points, latent codes), or clip_x0=True to keep x0 guesses in [-1, 1]"
+        "pass clip_x0=False for data outside [-1, 1] (points, latent codes), "
+        "or clip_x0=True to keep x0 guesses in [-1, 1]"
     )
 
 

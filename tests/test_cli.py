@@ -96,8 +96,8 @@ def test_demo_runs_end_to_end_in_a_tiny_budget(tmp_path, capsys):
     run = tmp_path / "demo"
     assert main(["demo", "--run", str(run), "--minutes", "0.05", "--samples", "40"]) == 0
     out = capsys.readouterr().out
-    assert "samples.png" in out and "reverse.gif" in out and "Fréchet" in out
-    for name in ("checkpoint.pt", "samples.png", "reverse.gif", "quality.json", "classifier-digits.pt"):
+    assert "samples.png" in out and "reverse.gif" in out and "KID" in out and "Fréchet" in out
+    for name in ("checkpoint.pt", "samples.png", "reverse.gif", "quality.json", "yardstick-v2-digits.pt"):
         assert (run / name).exists(), name
 
 
@@ -108,3 +108,59 @@ def test_generate_is_reproducible_and_keeps_frames(tmp_path):
     second, _ = generate(run.model, run.schedule, (1, 16, 16), 3, num_steps=10, progress=False)
     assert torch.equal(first, second) and first.shape == (3, 1, 16, 16)
     assert len(frames) == 6 and torch.equal(frames[-1].clamp(-1, 1), first)
+
+
+EVALUATE_KEYS = {"kid", "kid_low", "kid_high", "floor_kid", "fd", "floor_fd", "near_copies", "num_samples",
+                 "distinguishable"}  # fmt: skip
+
+
+def test_evaluate_real_is_indistinguishable_and_prints_one_json_object(tmp_path, capsys):
+    data_root = str(tmp_path / "data")
+    assert (
+        main(["evaluate", "--real", "--dataset", "digits", "--samples", "359", "--json", "--data-root", data_root]) == 0
+    )
+    out = capsys.readouterr().out.strip()
+    record = json.loads(out)  # one object, nothing else on stdout
+    assert EVALUATE_KEYS <= set(record)
+    assert record["num_samples"] == 359 and record["distinguishable"] is False
+    assert record["kid_low"] <= 0 <= record["kid_high"]
+    assert record["floor_kid_low"] <= 0 <= record["floor_kid_high"]
+
+
+def test_evaluate_a_run_as_json(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert main(["train", "--run", run, "--steps", "2", "--base-channels", "8", "--timesteps", "20"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--run", run, "--samples", "30", "--steps", "2", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip())
+    assert EVALUATE_KEYS <= set(record) and record["num_samples"] == 30
+    assert record["distinguishable"] is True  # a model trained for 2 steps paints noise
+    assert record["sampler"] == "ddim" and record["steps"] == 2
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--samples", "5000"], "between 10 and 359"),
+        (["--samples", "0"], "--samples must be positive"),
+        (["--steps", "0"], "--steps must be positive"),
+        (["--eta", "2"], "--eta must lie in"),
+        (["--dataset", "digits"], "--dataset goes with --real"),
+    ],
+)
+def test_evaluate_refuses_bad_input_before_any_work(tmp_path, capsys, arguments, message):
+    run = tmp_path / "run"
+    assert main(["train", "--run", str(run), "--steps", "1", "--base-channels", "8", "--timesteps", "20"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), *arguments]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(run.glob("yardstick-*")), "the classifier was trained before the input was checked"
+
+
+def test_evaluate_refuses_a_run_without_a_checkpoint_and_an_unknown_dataset_or_sampler(tmp_path, capsys):
+    assert main(["evaluate", "--run", str(tmp_path / "empty")]) == 2
+    assert "holds no checkpoint.pt" in capsys.readouterr().err
+    assert main(["evaluate", "--real", "--dataset", "imagenet"]) == 2
+    assert "unknown dataset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main(["evaluate", "--sampler", "euler"])

@@ -8,7 +8,7 @@ blocks exactly as written (about 4 minutes on a 2-core CPU):
     COURSEKIT_README_FULL=1 .venv/bin/python -m pytest tests/test_readme.py -s
 
 The quickstart's samples are then checked the way a person would look at them: inside the image
-range, not blank, written to a PNG, and scored by the course's quality classifier far better than
+range, not blank, written to a PNG, and scored by the course's yardstick (KID) far better than
 noise. The README's command-line examples that take seconds (``--help``, ``preflight``) run too.
 """
 
@@ -106,21 +106,19 @@ def test_the_quickstart_paints_images_in_range(quickstart_run):
 
 
 def test_the_quickstart_model_scores_far_better_than_noise(quickstart_run):
-    """256 samples drawn as the quickstart draws its 16, scored against held-out digits."""
-    from coursekit import ddim_sample, load_dataset
-    from coursekit.quality import evaluate_samples, train_classifier
+    """256 samples drawn as the quickstart draws its 16, scored with the course's yardstick."""
+    from coursekit import ddim_sample
+    from coursekit.quality import Yardstick
 
     _, namespace = quickstart_run
-    train_set, held_out = load_dataset("digits", train=True), load_dataset("digits", train=False)
-    classifier = train_classifier(train_set, epochs=8)
+    yardstick = Yardstick.for_dataset("digits")
     noise_start = torch.randn(256, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     samples = ddim_sample(namespace["model"].eval(), namespace["schedule"], noise_start, num_steps=50)
     noise = torch.rand(256, 1, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    model_score = evaluate_samples(samples, train_set, held_out, classifier)
-    noise_score = evaluate_samples(noise, train_set, held_out, classifier)
+    model_score, noise_score = yardstick.score(samples), yardstick.score(noise)
     print("quickstart model:", model_score.summary())
     print("uniform noise:   ", noise_score.summary())
-    assert model_score.frechet_distance < 0.2 * noise_score.frechet_distance
+    assert model_score.kid_high < 0.2 * noise_score.kid_low, "the quickstart's samples score like noise"
     assert model_score.class_coverage >= 0.8, "the samples cover too few of the ten digits"
 
 

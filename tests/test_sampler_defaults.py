@@ -2,7 +2,7 @@
 
 The shipped model was trained with the package's defaults (cosine schedule, 1000 steps). Called
 with nothing but the model, the schedule and pure noise, each sampler must return images inside
-[-1, 1] that the quality classifier scores far better than noise. The cosine schedule's capped last
+[-1, 1] that the course's yardstick scores far better than noise. The cosine schedule's capped last
 step is what made the old defaults paint noise; a test shows that the failure is real without
 clipping, so the default is not guarding against nothing.
 """
@@ -12,7 +12,7 @@ import torch
 
 from coursekit.data import load_dataset
 from coursekit.editing import edit, inpaint
-from coursekit.quality import evaluate_samples, train_classifier
+from coursekit.quality import Yardstick
 from coursekit.runs import generate, load_shipped_model
 from coursekit.samplers import SAMPLERS, ddim_sample, ddpm_sample, dpm_solver_sample, get_sampler
 
@@ -26,19 +26,18 @@ def shipped():
 
 @pytest.fixture(scope="module")
 def gauge():
-    train_set, held_out = load_dataset("digits", train=True), load_dataset("digits", train=False)
-    classifier = train_classifier(train_set, epochs=8)
+    yardstick = Yardstick.for_dataset("digits")
     noise = torch.rand(COUNT, 1, 16, 16, generator=torch.Generator().manual_seed(99)) * 2 - 1
-    noise_distance = evaluate_samples(noise, train_set, held_out, classifier).frechet_distance
+    noise_kid = yardstick.score(noise).kid
 
     def check(images: torch.Tensor, name: str) -> None:
         assert images.shape == (COUNT, 1, 16, 16), name
         assert torch.isfinite(images).all(), f"{name}: not finite"
         low, high = images.min().item(), images.max().item()
         assert -1 <= low and high <= 1, f"{name} at its defaults left the image range: [{low:.3g}, {high:.3g}]"
-        report = evaluate_samples(images, train_set, held_out, classifier)
-        print(f"{name}: {report.summary()}; uniform noise {noise_distance:.3f}")
-        assert report.frechet_distance < 0.2 * noise_distance, f"{name} at its defaults scores like noise"
+        report = yardstick.score(images)
+        print(f"{name}: {report.summary()}; uniform noise KID {noise_kid:.3f}")
+        assert report.kid_high < 0.2 * noise_kid, f"{name} at its defaults scores like noise"
         assert report.class_coverage >= 0.7, f"{name}: too few digits among the samples"
 
     return check
@@ -83,7 +82,9 @@ def test_editing_at_its_defaults(shipped, gauge):
     gauge(edit(shipped.model, shipped.schedule, digits, 0.6, generator=torch.Generator().manual_seed(5)), "edit")
     mask = torch.ones(1, 1, 16, 16)
     mask[..., 8:] = 0  # fill in the right half
-    filled = inpaint(shipped.model, shipped.schedule, digits, mask, _noise(6), generator=torch.Generator().manual_seed(6))
+    filled = inpaint(
+        shipped.model, shipped.schedule, digits, mask, _noise(6), generator=torch.Generator().manual_seed(6)
+    )
     gauge(filled, "inpaint")
     assert torch.equal(filled[..., :8], digits[..., :8]), "inpainting changed the pixels it was told to keep"
 
