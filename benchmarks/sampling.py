@@ -1,10 +1,11 @@
 """Sampling speed and quality: DDPM with 1000 steps against DDIM and DPM-Solver++(2M) with few.
 
-    python benchmarks/sampling.py [--run runs/demo] [--samples 1000] [--device auto]
+    python benchmarks/sampling.py [--run runs/demo | --shipped] [--samples N] [--device auto]
 
-Speed is measured on a batch of 64 images and reported in seconds per image. With a trained
-run folder, both samplers also draw ``--samples`` images that are scored with the course's
-download-free Fréchet distance.
+Speed is measured on a batch of 64 images and reported in milliseconds per image. With a trained
+run folder (or the shipped model), every sampler also draws ``--samples`` images (default: the most
+the yardstick allows) scored with the course's yardstick: KID with its 95 % interval beside real
+images, and whether each pair of samplers can be told apart at this sample count.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import argparse
 import time
 from pathlib import Path
 
-from coursekit.data import load_dataset
 from coursekit.device import pick_device
-from coursekit.quality import evaluate_samples, load_or_train_classifier
-from coursekit.runs import generate, load_run
+from coursekit.quality import Yardstick, kid_intervals_overlap, samples_to_separate
+from coursekit.runs import generate, load_run, load_shipped_model
 from coursekit.schedules import make_schedule
 from coursekit.unet import UNet
 
@@ -36,14 +36,15 @@ SAMPLERS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="runs/demo", help="a trained run folder (optional)")
-    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--shipped", action="store_true", help="use the model that ships with coursekit")
+    parser.add_argument("--samples", type=int, default=None, help="samples per sampler (default: the most allowed)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = pick_device(args.device)
     print(f"machine: {machine()}")
-    trained = (Path(args.run) / "checkpoint.pt").exists()
+    trained = args.shipped or (Path(args.run) / "checkpoint.pt").exists()
     if trained:
-        run = load_run(args.run, device=device)
+        run = load_shipped_model(device=device) if args.shipped else load_run(args.run, device=device)
         model, schedule, shape = run.model, run.schedule, tuple(run.metadata["image_shape"])
     else:
         print(f"no run in {args.run}: timing an untrained model (train one with `coursekit demo`)")
@@ -64,19 +65,35 @@ def main() -> None:
     if not trained:
         return
 
-    name = run.metadata["dataset"]
-    train_set, held_out = load_dataset(name, train=True), load_dataset(name, train=False)
-    classifier, accuracy = load_or_train_classifier(train_set, held_out, args.run)
-    scores = {}
+    yardstick = Yardstick.for_dataset(run.metadata["dataset"], cache_dir=None if args.shipped else args.run)
+    count = args.samples or yardstick.max_samples
+    yardstick.check_count(count)
+    reports = {"real images (held out)": yardstick.score_real(count)}
     for label, options in SAMPLERS.items():
         start = time.perf_counter()
-        images, _ = generate(model, schedule, shape, args.samples, progress=False, **options)
-        report = evaluate_samples(images, train_set, held_out, classifier, accuracy)
-        scores[label] = report.frechet_distance
-        print(f"{label}: {report.summary()} ({time.perf_counter() - start:.0f} s)")
-    for label, score in scores.items():
-        if label != BASELINE:
-            print(f"score ratio {label} / {BASELINE}: {score / scores[BASELINE]:.2f} (1.00 = equal; lower is better)")
+        images, _ = generate(model, schedule, shape, count, progress=False, **options)
+        reports[label] = yardstick.score(images)
+        print(f"{label} ({time.perf_counter() - start:.0f} s): {reports[label].summary()}")
+    print(f"\n| sampler | ms per image | KID [95 % interval] | Fréchet | told apart from real ({count} samples) |")
+    print("|---|---|---|---|---|")
+    for label, report in reports.items():
+        speed = f"{1000 * seconds_per_image[label]:.1f}" if label in seconds_per_image else "-"
+        print(
+            f"| {label} | {speed} | {report.kid:.3f} [{report.kid_low:.3f}, {report.kid_high:.3f}] | "
+            f"{report.fd:.3f} | {'yes' if report.distinguishable else 'no'} (p = {report.p_value:.3f}) |"
+        )
+    floor = reports[BASELINE]
+    print(f"\nfloor (real vs real at {count}): KID {floor.floor_kid:.3f}, Fréchet {floor.floor_fd:.3f}")
+    labels = list(SAMPLERS)
+    for i, first in enumerate(labels):
+        for second in labels[i + 1 :]:
+            a, b = reports[first], reports[second]
+            if kid_intervals_overlap(a, b):
+                needed = samples_to_separate(a, b)
+                more = f"about {needed:,} samples each would" if needed else "no sample count would"
+                print(f"{first} vs {second}: intervals overlap at {count}; {more} separate them")
+            else:
+                print(f"{first} vs {second}: separated at {count} samples")
 
 
 if __name__ == "__main__":
