@@ -358,16 +358,16 @@ def _evaluate(
     run_dir, samples, sampler, steps, eta, seed, device, data_root="data", real_dataset=None, quiet=False
 ) -> dict:
     """Score a run's samples (or, with ``real_dataset``, held-out real images); returns the JSON record."""
-    from coursekit.quality import Yardstick, split_real_images
+    from coursekit.quality import MIN_SAMPLES, Yardstick, split_real_images
     from coursekit.runs import generate, load_run
 
     run = None if real_dataset else load_run(run_dir, device=device)
     name = real_dataset or run.metadata["dataset"]
     splits = split_real_images(name, root=data_root)
     count = splits.max_samples if samples is None else samples
-    if not 10 <= count <= splits.max_samples:
+    if not MIN_SAMPLES <= count <= splits.max_samples:  # checked before the classifier is trained
         raise ValueError(
-            f"--samples must lie between 10 and {splits.max_samples} for {name!r}: the floor needs as many "
+            f"--samples must lie between {MIN_SAMPLES} and {splits.max_samples} for {name!r}: the floor needs as many "
             f"real images that the metric never saw, got {count}"
         )
     if not quiet:

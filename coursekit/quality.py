@@ -273,7 +273,7 @@ class Yardstick:
             classifier, accuracy = _load_classifier(path, splits)
         else:
             classifier = train_classifier(splits.classifier, epochs=CLASSIFIER_EPOCHS)
-            accuracy = _accuracy(classifier, splits.held_out)
+            accuracy = class_accuracy(classifier, splits.held_out.images, splits.held_out.labels)
             if path is not None:
                 save_checkpoint(
                     {
@@ -371,10 +371,6 @@ def _load_classifier(path: Path, splits: RealSplits) -> tuple[FeatureClassifier,
     classifier = FeatureClassifier(shape[0], classes)
     classifier.load_state_dict(payload["weights"])
     return classifier.eval(), float(payload["accuracy"])
-
-
-def _accuracy(classifier: FeatureClassifier, dataset: ImageDataset) -> float:
-    return class_accuracy(classifier, dataset.images, dataset.labels)
 
 
 def _batched(function, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
