@@ -48,10 +48,10 @@ sys.path.insert(0, str(ROOT))  # the working tree's coursekit, installed or not
 
 import torch  # noqa: E402
 
+from coursekit.course.preflight import NOTEBOOKS, REFERENCE_SECONDS_PER_STEP, estimate_minutes, measure_speed  # noqa: E402
 from coursekit.data import load_dataset  # noqa: E402
 from coursekit.device import pick_device, supports_native_bf16  # noqa: E402
 from coursekit.losses import diffusion_loss  # noqa: E402
-from coursekit.preflight import NOTEBOOKS, REFERENCE_SECONDS_PER_STEP, estimate_minutes, measure_speed  # noqa: E402
 from coursekit.runs import generate, load_shipped_model  # noqa: E402
 from coursekit.schedules import make_schedule  # noqa: E402
 from coursekit.training import CHECKPOINT_NAME, TrainConfig, train  # noqa: E402

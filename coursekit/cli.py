@@ -109,19 +109,50 @@ def build_parser() -> argparse.ArgumentParser:
     grade = commands.add_parser(
         "grade",
         help="grade a folder of submitted exercise notebooks into a CSV",
-        description="Run each submission in a fresh kernel on a copy, call the "
-        "learner's functions on the grader's own inputs, and write a CSV gradebook "
-        "and a feedback file per submission. Submissions are never modified. This "
-        "runs student code: grade in an account without access to anything precious.",
+        description="Take each submission's answer cells (never the rest), read them for code that "
+        "reaches outside the answer (flagged for a human look, not run), run the answers in a fresh "
+        "sandboxed process (bubblewrap where installed) under time, memory and file limits, and "
+        "compare their outputs with the reference here. Rows reach grades.csv as each submission "
+        "finishes; running the command again grades only new or changed submissions. Submissions "
+        "are never modified.",
     )
-    grade.add_argument("paths", nargs="+", help="submission notebooks, or folders holding them")
+    grade.add_argument("paths", nargs="*", help="submission notebooks, or folders holding them")
     grade.add_argument("--out", default="grades.csv", help="the gradebook (default: %(default)s)")
     grade.add_argument("--feedback", default=None, help="folder for feedback files (default: beside --out)")
     grade.add_argument("--exercise", default=None, help="NN, when file names do not say (e.g. 01)")
-    grade.add_argument("--cell-timeout", type=int, default=60, help="seconds per cell (default: %(default)s)")
-    grade.add_argument("--total-timeout", type=int, default=600, help="seconds per notebook (default: %(default)s)")
-    grade.add_argument("--memory-mb", type=int, default=4096, help="memory per notebook (default: %(default)s)")
-    grade.add_argument("--workers", type=int, default=None, help="notebooks graded at once (default: cores)")
+    grade.add_argument(
+        "--question-timeout",
+        "--cell-timeout",
+        dest="question_timeout",
+        type=_positive_int,
+        default=60,
+        help="seconds for one question's cases (default: %(default)s)",
+    )
+    grade.add_argument(
+        "--total-timeout", type=_positive_int, default=600, help="seconds per notebook (default: %(default)s)"
+    )
+    grade.add_argument(
+        "--memory-mb", type=_positive_int, default=4096, help="memory per notebook (default: %(default)s)"
+    )
+    grade.add_argument("--workers", type=_positive_int, default=None, help="notebooks graded at once (default: cores)")
+    grade.add_argument("--no-isolation", action="store_true", help="do not use bubblewrap even where it is installed")
+    grade.add_argument(
+        "--id-from",
+        choices=("folder", "filename", "metadata"),
+        default="folder",
+        help="where the student ID comes from: the student's folder, the file name without the "
+        "exercise part, or the notebook's metadata.coursekit.student_id (default: %(default)s)",
+    )
+    grade.add_argument("--lms", default=None, help="also write a gradebook for Canvas or Moodle to this CSV")
+    grade.add_argument(
+        "--id-column", default="SIS User ID", help="the ID column's name in --lms (default: %(default)s)"
+    )
+    grade.add_argument(
+        "--gradescope",
+        default=None,
+        metavar="DIR",
+        help="write a Gradescope autograder bundle (setup.sh, run_autograder, autograder.zip) to DIR",
+    )
     grade.set_defaults(handler=run_grade)
 
     exercises = commands.add_parser(
@@ -149,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_preflight(args: argparse.Namespace) -> int:
-    from coursekit.preflight import run_preflight as check_machine
+    from coursekit.course.preflight import run_preflight as check_machine
 
     report = check_machine(args.device, measure=not args.no_measure)
     print(report.summary())
@@ -157,28 +188,45 @@ def run_preflight(args: argparse.Namespace) -> int:
 
 
 def run_grade(args: argparse.Namespace) -> int:
-    from coursekit.grading import grade
+    from coursekit.course.gradebook import grade
+    from coursekit.course.sandbox import Limits
 
+    if args.gradescope:
+        from coursekit.course.gradescope import write_bundle
+
+        archive = write_bundle(args.gradescope, args.exercise)
+        print(f"wrote the Gradescope autograder to {args.gradescope}; upload {archive}")
+        if not args.paths:
+            return 0
+    if not args.paths:
+        print("coursekit grade: give the submissions to grade (notebooks or folders), or --gradescope DIR")
+        return 2
+    limits = Limits(question_seconds=args.question_timeout, total_seconds=args.total_timeout, memory_mb=args.memory_mb)
     rows = grade(
         args.paths,
         out=args.out,
         feedback_dir=args.feedback,
-        cell_timeout=args.cell_timeout,
-        total_timeout=args.total_timeout,
-        memory_mb=args.memory_mb,
+        limits=limits,
         workers=args.workers,
         exercise=args.exercise,
+        isolation=not args.no_isolation,
+        id_from=args.id_from,
+        lms=args.lms,
+        id_column=args.id_column,
     )
     problems = sum(1 for row in rows if row.error)
+    review = sum(1 for row in rows if row.review)
     print(
         f"graded {len(rows)} submissions into {args.out} ({problems} with a problem noted in the error "
-        f"column); feedback files in {args.feedback or Path(args.out).parent / 'feedback'}"
+        f"column, {review} with something for you to look at in needs_review); feedback files in "
+        f"{args.feedback or Path(args.out).parent / 'feedback'}"
+        + (f"; LMS gradebook in {args.lms}" if args.lms else "")
     )
     return 0
 
 
 def run_make_exercises(args: argparse.Namespace) -> int:
-    from coursekit.authoring import make_exercises
+    from coursekit.course.authoring import make_exercises
 
     stale = make_exercises(args.solutions, args.exercises, check=args.check)
     if args.check and stale:
@@ -186,6 +234,17 @@ def run_make_exercises(args: argparse.Namespace) -> int:
         return 1
     print(f"{len(stale)} exercise notebook(s) {'differ' if args.check else 'written'}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1, refused with a clear message otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from coursekit.authoring import PLACEHOLDER, make_exercise, make_exercises, render, strip_solutions
 from coursekit.checks import QUESTIONS, check, learner_or_reference, run_check, run_implementation, score
+from coursekit.course.authoring import PLACEHOLDER, make_exercise, make_exercises, render, strip_solutions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,7 +114,7 @@ def test_not_implemented_missing_and_crashing_answers_are_told_apart():
 
 def test_an_answer_that_calls_the_reference_earns_nothing():
     def noisy_image(x0, t, alpha_bar, noise):
-        from coursekit.checks import reference_noisy_image
+        from coursekit.course.bank_part1 import reference_noisy_image
 
         return reference_noisy_image(x0, t, alpha_bar, noise)
 
@@ -165,7 +165,7 @@ def test_a_local_variable_named_like_a_package_function_is_fine():
 
 
 def test_answers_borrowed_from_the_package_earn_nothing():
-    from coursekit.checks import reference_noisy_image
+    from coursekit.course.bank_part1 import reference_noisy_image
 
     # not a definition of the learner's own
     assert run_check("01.q2", {"noisy_image": reference_noisy_image}).points == 0
@@ -174,7 +174,7 @@ def test_answers_borrowed_from_the_package_earn_nothing():
 
 
 def test_the_sampler_check_needs_the_same_random_draws():
-    from coursekit.checks import reference_reverse_step
+    from coursekit.course.bank_part1 import reference_reverse_step
 
     def sample(model, x_T, alpha_bar, generator):  # skips the last step: an off-by-one
         x = x_T
@@ -191,7 +191,7 @@ def test_the_sampler_check_needs_the_same_random_draws():
 
 def test_the_part_two_references_are_the_package_samplers_step_by_step():
     # The exercises' one-step formulas, looped, must give exactly what coursekit's samplers give.
-    from coursekit.checks import reference_ddim_step, reference_dpm_solver_step, reference_edit_start
+    from coursekit.course.bank_part2 import reference_ddim_step, reference_dpm_solver_step, reference_edit_start
     from coursekit.editing import edit
     from coursekit.forward import predict_x0
     from coursekit.oracle import GaussianOracle

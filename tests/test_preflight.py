@@ -6,8 +6,8 @@ from collections import namedtuple
 import pytest
 import torch
 
-from coursekit import preflight
 from coursekit.cli import main
+from coursekit.course import preflight
 
 
 @pytest.fixture

@@ -91,21 +91,44 @@ def render(notebook: dict) -> str:
     return json.dumps(notebook, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
 
 
+PRISTINE_CELLS = Path(__file__).parent / "exercise_cells.json"
+
+
+def pristine_cells(exercise: str) -> set[str]:
+    """Digests of the code cells of exercise ``exercise`` as handed out (the grader's notes skip them)."""
+    if not PRISTINE_CELLS.exists():
+        return set()
+    return set(json.loads(PRISTINE_CELLS.read_text()).get(exercise, []))
+
+
+def _cell_digests(exercise: dict) -> list[str]:
+    from coursekit.course.screen import cell_digest, cell_sources
+
+    return sorted({cell_digest(source) for source in cell_sources(exercise)})
+
+
 def make_exercises(solutions_dir: str | Path, exercises_dir: str | Path, check: bool = False) -> list[Path]:
-    """Write (or with ``check``, compare) every exercise; returns the files that were stale."""
+    """Write (or with ``check``, compare) every exercise and the digests of its cells; returns stale files."""
     solutions_dir, exercises_dir = Path(solutions_dir), Path(exercises_dir)
     solutions = sorted(solutions_dir.glob("*.ipynb"))
     if not solutions:
         raise ValueError(f"no solution notebooks in {solutions_dir}")
-    stale = []
+    stale, digests = [], {}
     for solution_path in solutions:
         if not re.match(r"\d\d_", solution_path.name):
             raise ValueError(f"{solution_path.name}: solution notebooks are named NN_topic.ipynb")
-        text = render(make_exercise(json.loads(solution_path.read_text())))
+        exercise = make_exercise(json.loads(solution_path.read_text()))
+        digests[solution_path.name[:2]] = _cell_digests(exercise)
+        text = render(exercise)
         target = exercises_dir / solution_path.name
         if not target.exists() or target.read_text() != text:
             stale.append(target)
             if not check:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(text)
+    digest_text = json.dumps(digests, indent=1, sort_keys=True) + "\n"
+    if not PRISTINE_CELLS.exists() or PRISTINE_CELLS.read_text() != digest_text:
+        stale.append(PRISTINE_CELLS)
+        if not check:
+            PRISTINE_CELLS.write_text(digest_text)
     return stale
