@@ -1,0 +1,150 @@
+"""Nothing finished is lost: rows on disk as they finish, a re-run grades only what changed, and the
+exports for school systems (Canvas/Moodle CSV, Gradescope's results.json) hold what they promise."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from coursekit.course.gradebook import Journal, grade, grader_fingerprint, write_lms_gradebook
+from coursekit.course.gradescope import results_json, validate_results, write_bundle
+from coursekit.course.runner import GradeRow
+from coursekit.course.sandbox import Limits
+
+ROOT = Path(__file__).resolve().parents[1]
+SOLUTION = ROOT / "solutions" / "01_forward_process.ipynb"
+EXERCISE = ROOT / "exercises" / "01_forward_process.ipynb"
+LIMITS = Limits(question_seconds=20, total_seconds=120, memory_mb=1500)
+
+
+def _class_of_three(folder: Path) -> Path:
+    submissions = folder / "in"
+    for student, source in (("ann", SOLUTION), ("bob", EXERCISE), ("cem", SOLUTION)):
+        (submissions / student).mkdir(parents=True)
+        shutil.copy(source, submissions / student / "01_forward_process.ipynb")
+    return submissions
+
+
+def test_a_grader_killed_half_way_loses_nothing_and_a_rerun_grades_only_what_is_missing(tmp_path):
+    submissions = _class_of_three(tmp_path)
+    out = tmp_path / "grades.csv"
+    journal = out.with_suffix(".journal.jsonl")
+    command = [sys.executable, "-m", "coursekit", "grade", str(submissions), "--out", str(out), "--workers", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (journal.exists() and journal.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = journal.read_text().count("\n")
+    assert 1 <= finished <= 3
+    with out.open() as file:  # the CSV written so far holds every finished row, whole
+        assert len(list(csv.DictReader(file))) == finished
+
+    messages = []
+    rows = grade([submissions], out=out, limits=LIMITS, progress=False, announce=messages.append)
+    assert [row.total for row in rows] == [7, 0, 7]
+    if finished < 3:
+        assert f"{finished} submission(s) unchanged since they were graded: kept; grading {3 - finished}" in messages
+    assert journal.read_text().count("\n") == 3
+
+    (submissions / "bob" / "01_forward_process.ipynb").write_bytes(SOLUTION.read_bytes())  # bob hands in again
+    messages.clear()
+    rows = grade([submissions], out=out, limits=LIMITS, progress=False, announce=messages.append)
+    assert "2 submission(s) unchanged since they were graded: kept; grading 1" in messages
+    assert [row.total for row in rows] == [7, 7, 7]
+    with out.open() as file:
+        assert [row["total"] for row in csv.DictReader(file)] == ["7", "7", "7"]
+
+
+def test_the_journal_skips_a_torn_line_and_rows_of_another_grader(tmp_path):
+    journal = Journal(tmp_path / "grades.journal.jsonl", grader_fingerprint())
+    journal.add(GradeRow(file="a.ipynb", student="a", exercise="01", sha256="1"))
+    with journal.path.open("a") as file:
+        file.write(json.dumps({"grader": "an older grader", "row": {"file": "b.ipynb"}}) + "\n")
+        file.write('{"grader": "torn')
+    assert list(journal.finished()) == [("a.ipynb", "1")]
+
+
+def test_lms_gradebook_one_row_per_student_one_column_per_exercise(tmp_path):
+    from coursekit.course.engine import Result
+
+    def row(student, identifier, exercise, points):
+        return GradeRow(
+            file=f"{student}/{exercise}.ipynb",
+            student=student,
+            student_id=identifier,
+            exercise=exercise,
+            results=[Result(f"{exercise}.q1", "passed", points, 7, "")],
+        )
+
+    rows = [row("ann", "s1", "01", 7), row("ann", "s1", "02", 3), row("bob", "s2", "01", 5), row("eve", "", "01", 7)]
+    messages = []
+    write_lms_gradebook(rows, tmp_path / "lms.csv", "SIS Login ID", messages.append)
+    with (tmp_path / "lms.csv").open() as file:
+        table = list(csv.DictReader(file))
+    assert list(table[0]) == ["Student", "SIS Login ID", "Exercise 01 (7 points)", "Exercise 02 (5 points)"]
+    assert [(r["SIS Login ID"], r["Exercise 01 (7 points)"], r["Exercise 02 (5 points)"]) for r in table] == [
+        ("s1", "7", "3"),
+        ("s2", "5", ""),
+    ]
+    assert "1 submission(s) without a student ID" in messages[0]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gradescope")
+    archive = write_bundle(folder / "autograder", "01")
+    return folder / "autograder", archive
+
+
+def test_the_bundle_holds_what_gradescope_runs(bundle):
+    folder, archive = bundle
+    names = zipfile.ZipFile(archive).namelist()
+    assert {"setup.sh", "run_autograder", "coursekit-src/pyproject.toml", "coursekit-src/coursekit/checks.py"} <= set(
+        names
+    )
+    assert "coursekit-src/coursekit/course/exercise_cells.json" in names
+    assert os.access(folder / "run_autograder", os.X_OK) and os.access(folder / "setup.sh", os.X_OK)
+    setup = (folder / "setup.sh").read_text()
+    assert "bubblewrap" in setup and "index-url" not in setup
+
+
+@pytest.mark.parametrize(("source", "score"), [(SOLUTION, 7), (EXERCISE, 0)])
+def test_run_autograder_writes_valid_results(bundle, tmp_path, source, score):
+    folder, _ = bundle
+    (tmp_path / "submission").mkdir()
+    shutil.copy(source, tmp_path / "submission" / "my_notebook.ipynb")
+    environment = dict(os.environ, AUTOGRADER_ROOT=str(tmp_path), COURSEKIT_PYTHON=sys.executable)
+    subprocess.run([str(folder / "run_autograder")], env=environment, check=True, timeout=300)
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert validate_results(results) == []
+    assert results["score"] == score == sum(test["score"] for test in results["tests"])
+    assert [test["max_score"] for test in results["tests"]] == [2, 3, 2]
+    assert all(test["status"] == ("passed" if score else "failed") for test in results["tests"])
+
+
+def test_results_for_a_submission_without_one_notebook(tmp_path):
+    from coursekit.course.gradescope import main
+
+    (tmp_path / "submission").mkdir()
+    main(["--submission", str(tmp_path / "submission"), "--results", str(tmp_path / "results.json")])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["score"] == 0 and results["tests"] == [] and "exactly one .ipynb" in results["output"]
+    assert validate_results(results) == []
+
+
+def test_the_validator_catches_what_gradescope_would_refuse():
+    good = results_json(GradeRow(file="x", student="x"))
+    assert validate_results(good) == []
+    assert validate_results({"tests": [{"score": 1}]})  # max_score, name, output, visibility missing
+    assert validate_results({"score": "7", "tests": []})
+    assert validate_results({"score": 1, "visibility": "everyone", "tests": []})
