@@ -148,3 +148,16 @@ def test_the_validator_catches_what_gradescope_would_refuse():
     assert validate_results({"tests": [{"score": 1}]})  # max_score, name, output, visibility missing
     assert validate_results({"score": "7", "tests": []})
     assert validate_results({"score": 1, "visibility": "everyone", "tests": []})
+
+
+def test_without_isolation_the_grader_still_grades_and_says_so(tmp_path):
+    submissions = tmp_path / "in"
+    submissions.mkdir()
+    shutil.copy(SOLUTION, submissions / "01_ann.ipynb")
+    shutil.copy(ROOT / "tests" / "fixtures" / "submissions" / "01_memory_hog.ipynb", submissions / "01_bob.ipynb")
+    messages = []
+    rows = grade(
+        [submissions], out=tmp_path / "g.csv", limits=LIMITS, progress=False, isolation=False, announce=messages.append
+    )
+    assert messages[0].startswith("WARNING: grading without isolation")
+    assert [row.total for row in rows] == [7, 5] and all(row.error == "" for row in rows), [r.error for r in rows]
