@@ -16,7 +16,7 @@ from coursekit.quality import Yardstick
 from coursekit.runs import generate, load_shipped_model
 from coursekit.samplers import SAMPLERS, ddim_sample, ddpm_sample, dpm_solver_sample, get_sampler
 
-COUNT = 48  # images per sampler: enough to tell digits from noise, few enough for 1000-step samplers
+COUNT = 24  # images per sampler: enough to tell digits from noise, few enough for 1000-step samplers
 
 
 @pytest.fixture(scope="module")

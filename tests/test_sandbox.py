@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from coursekit.course.runner import GradeRow, _grade_into
-from coursekit.course.sandbox import Limits, Sandbox, changed_files, detect, snapshot
+from coursekit.course.sandbox import Limits, Sandbox, _pids_hierarchy, changed_files, detect, release, snapshot
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 LIMITS = Limits(question_seconds=20, total_seconds=60, memory_mb=1500)
@@ -34,6 +34,8 @@ def run_inside(sandbox: Sandbox, folder: Path, code: str, limits: Limits = LIMIT
         output, errors = process.communicate(b"", timeout=120)
     finally:
         process.kill()
+        process.wait()
+        release(process)
     return process.returncode, output.decode() + errors.decode()
 
 
@@ -173,8 +175,8 @@ def test_a_disk_filler_a_descriptor_hog_and_a_spinner_hit_their_limits(folders):
 def test_a_fork_bomb_ends_with_its_sandbox(folders):
     mine, _, _ = folders
     marker = f"fork-bomb-{os.getpid()}"
-    limits = Limits(question_seconds=5, total_seconds=2, memory_mb=1500)
-    run_inside(
+    limits = Limits(question_seconds=5, total_seconds=2, memory_mb=1500, processes=32)
+    _, output = run_inside(
         ISOLATED,
         mine,
         f"""
@@ -203,6 +205,8 @@ def test_a_fork_bomb_ends_with_its_sandbox(folders):
         except OSError:
             continue
     assert survivors == []
+    if _pids_hierarchy() is not None:  # a pids cgroup caps it while it runs (as root, RLIMIT_NPROC cannot)
+        assert "children " in output and int(output.split("children ")[1].split()[0]) < 32, output
 
 
 def test_without_isolation_writes_outside_are_reported(tmp_path):

@@ -30,10 +30,11 @@ from pathlib import Path
 
 from coursekit.course.authoring import pristine_cells
 from coursekit.course.engine import ALWAYS_FORBIDDEN, Question, Result, questions_for, score
-from coursekit.course.sandbox import Limits, Sandbox, changed_files, snapshot
+from coursekit.course.sandbox import Limits, Sandbox, changed_files, release, snapshot
 from coursekit.course.screen import AnswerProgram, read_answers
 
 MESSAGE_LIMIT = 256 * 1024 * 1024  # the largest message a worker may send (bytes)
+STARTUP_SECONDS = 60  # importing torch and running the answer cells' definitions, beyond a question's limit
 NEEDS_A_LOOK = "needs a human look"
 
 
@@ -222,7 +223,9 @@ def _one_worker(program, question_ids, limits, sandbox, slot, deadline, answers,
             process.stdin.close()
         except OSError:
             pass
-        current, question_deadline, finished, killed = None, deadline, False, ""
+        # until the worker is ready, the answer cells' top-level code runs: one question's time, plus imports
+        current, finished, killed = None, False, ""
+        question_deadline = time.monotonic() + limits.question_seconds + STARTUP_SECONDS
         while True:
             wait = min(question_deadline, deadline) - time.monotonic()
             try:
@@ -240,6 +243,7 @@ def _one_worker(program, question_ids, limits, sandbox, slot, deadline, answers,
             kind = message.get("kind")
             if kind == "ready":
                 problems += [str(problem) for problem in message.get("problems", [])]
+                question_deadline = deadline
             elif kind == "start" and message.get("question") in question_ids:
                 current, question_deadline = message["question"], time.monotonic() + limits.question_seconds
             elif kind == "result" and message.get("question") in question_ids:
@@ -296,6 +300,7 @@ def _stop(process) -> None:
         process.wait(timeout=30)
     except Exception:  # noqa: BLE001
         process.kill()
+    release(process)
 
 
 def _why_it_ended(returncode: int | None, stderr: str) -> str:

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -59,7 +60,9 @@ class Sandbox:
 
     def describe(self) -> str:
         if self.isolated:
-            return "isolation: bubblewrap (no network, read-only system, own folder only, no other processes)"
+            return "isolation: bubblewrap (no network, read-only system, own folder only, no other processes)" + (
+                "; processes capped by a pids cgroup" if _pids_hierarchy() else ""
+            )
         return (
             f"WARNING: grading without isolation ({self.reason}). Submissions still run in a process of their "
             "own under time, memory, file-size and open-file limits, and only their answers run after "
@@ -80,7 +83,8 @@ class Sandbox:
         command = command or [sys.executable, "-m", "coursekit.course.worker"]
         if self.isolated:
             command = bwrap_command(self.bwrap, folder, env, as_root=_is_root() and uid is None) + command
-        return subprocess.Popen(
+        group = process_group(limits.processes)
+        process = subprocess.Popen(
             command,
             cwd=folder,
             env=env,
@@ -91,8 +95,10 @@ class Sandbox:
             user=uid,
             group=uid,
             extra_groups=[] if uid is not None else None,
-            preexec_fn=lambda: apply_limits(limits, own_user=uid is not None),  # noqa: PLW0108
+            preexec_fn=lambda: apply_limits(limits, own_user=uid is not None, group=group),
         )
+        process.process_group = group  # removed by release() once the worker is gone
+        return process
 
 
 def _is_root() -> bool:
@@ -123,8 +129,13 @@ def _give_to(folder: Path, uid: int) -> None:
         os.chown(path, uid, uid)
 
 
-def apply_limits(limits: Limits, own_user: bool) -> None:
+def apply_limits(limits: Limits, own_user: bool, group: Path | None = None) -> None:
     """Run in the child between fork and exec: the limits hold for the worker and all it starts."""
+    if group is not None:  # join the pids cgroup first, so that everything forked later counts
+        try:
+            (group / "cgroup.procs").write_text(str(os.getpid()))
+        except OSError:
+            pass
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the file limit fails instead of killing
     megabyte = 1024 * 1024
     wanted = [
@@ -141,6 +152,52 @@ def apply_limits(limits: Limits, own_user: bool) -> None:
             resource.setrlimit(kind, (value, value))
         except (ValueError, OSError):  # e.g. macOS refuses RLIMIT_DATA below what is mapped
             pass
+
+
+def _pids_hierarchy() -> Path | None:
+    """A cgroup hierarchy with the pids controller that we may write to (root, usually), or None."""
+    for root in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup")):
+        if (root / "cgroup.procs").exists() and os.access(root, os.W_OK):
+            return root
+    return None
+
+
+def process_group(processes: int) -> Path | None:
+    """A cgroup of its own capping the worker's processes and threads (pids.max), where the OS offers one.
+
+    RLIMIT_NPROC cannot hold a worker that runs as root's user (the kernel exempts it); a pids cgroup can.
+    """
+    root = _pids_hierarchy()
+    if root is None:
+        return None
+    for index in range(1000):
+        candidate = root / f"coursekit-{os.getpid()}-{index}"
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        except OSError:
+            return None
+        try:
+            (candidate / "pids.max").write_text(str(processes))
+        except OSError:
+            candidate.rmdir()
+            return None
+        return candidate
+    return None
+
+
+def release(process: subprocess.Popen) -> None:
+    """Remove the worker's cgroup once every process in it has gone."""
+    group = getattr(process, "process_group", None)
+    if group is None:
+        return
+    for _ in range(50):
+        try:
+            group.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
 
 
 def worker_environment(home: str) -> dict:
