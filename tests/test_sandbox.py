@@ -272,3 +272,9 @@ def test_make_test_installs_bubblewrap():
     makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
     assert "bubblewrap" in makefile
     assert subprocess.run(["make", "-n", "test"], capture_output=True, text=True).returncode == 0
+
+
+def test_the_worker_python_is_found_from_any_folder():
+    from coursekit.course.sandbox import PYTHON
+
+    assert os.path.isabs(PYTHON) and os.access(PYTHON, os.X_OK)

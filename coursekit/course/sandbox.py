@@ -31,6 +31,7 @@ from pathlib import Path
 
 SANDBOX_FOLDER = "/submission"  # where the submission's own folder appears inside bubblewrap
 FIRST_UID = 61000  # workers run as FIRST_UID + slot when the grader runs as root
+PYTHON = os.path.abspath(sys.executable)  # absolute: the worker starts in another folder (and root)
 WATCH_LIMIT = 20_000  # files per watched place, so that a huge home folder cannot stall the grader
 
 
@@ -80,7 +81,7 @@ class Sandbox:
         if uid is not None:
             _give_to(folder, uid)
         env = worker_environment(SANDBOX_FOLDER if self.isolated else str(folder))
-        command = command or [sys.executable, "-m", "coursekit.course.worker"]
+        command = command or [PYTHON, "-m", "coursekit.course.worker"]
         if self.isolated:
             command = bwrap_command(self.bwrap, folder, env, as_root=_is_root() and uid is None) + command
         group = process_group(limits.processes)
@@ -111,7 +112,7 @@ def _own_users_work() -> bool:
         return False
     try:
         result = subprocess.run(
-            [sys.executable, "-c", "import torch, coursekit"],
+            [PYTHON, "-c", "import torch, coursekit"],
             capture_output=True,
             timeout=120,
             user=FIRST_UID,
@@ -226,7 +227,7 @@ def _python_folders() -> list[str]:
     import coursekit
 
     wanted = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    wanted.add(str(Path(sys.executable).resolve().parents[1]))
+    wanted.add(str(Path(PYTHON).resolve().parents[1]))
     wanted.add(str(Path(coursekit.__file__).resolve().parent))
     for entry in sys.path:
         if entry and ("site-packages" in entry or "dist-packages" in entry) and os.path.isdir(entry):
@@ -282,7 +283,7 @@ def detect(use_bwrap: bool = True) -> Sandbox:
         probe = bwrap_command(bwrap, Path(folder), env, as_root=_is_root() and not own_users)
         try:
             result = subprocess.run(
-                probe + [sys.executable, "-c", "import coursekit"], capture_output=True, timeout=60, user=uid, group=uid
+                probe + [PYTHON, "-c", "import coursekit"], capture_output=True, timeout=60, user=uid, group=uid
             )
         except (OSError, subprocess.SubprocessError) as error:
             return Sandbox(None, f"bubblewrap could not start here ({error})", own_users)
