@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -417,7 +418,7 @@ def _evaluate(
     run_dir, samples, sampler, steps, eta, seed, device, data_root="data", real_dataset=None, quiet=False
 ) -> dict:
     """Score a run's samples (or, with ``real_dataset``, held-out real images); returns the JSON record."""
-    from coursekit.quality import MIN_SAMPLES, Yardstick, split_real_images
+    from coursekit.quality import CACHE_VARIABLE, MIN_SAMPLES, Yardstick, split_real_images
     from coursekit.runs import generate, load_run
 
     run = None if real_dataset else load_run(run_dir, device=device)
@@ -431,7 +432,7 @@ def _evaluate(
         )
     if not quiet:
         print("preparing the yardstick (its classifier is trained once, then cached)...", file=sys.stderr)
-    cache = Path(run_dir) if run is not None else Path(data_root)
+    cache = os.environ.get(CACHE_VARIABLE) or (Path(run_dir) if run is not None else Path(data_root))
     yardstick = Yardstick.for_dataset(name, root=data_root, cache_dir=cache)
     if run is None:
         report = yardstick.score_real(count)

@@ -22,6 +22,7 @@ samples that are near-copies of a training image.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,6 +48,7 @@ SPLIT_SEED = 1234  # fixed: every run of the course splits the real images the s
 NEAR_COPY_SHARE = 0.05  # the share of unseen real images counted as near-copies, by construction
 SIGNIFICANCE = 0.05  # below this p-value, samples and real images can be told apart
 CLASSIFIER_EPOCHS = 60  # on the 479 digits of the classifier part: about 97 % held-out accuracy, 6 s
+CACHE_VARIABLE = "COURSEKIT_YARDSTICK_CACHE"  # a folder for the classifier, shared by every run
 YARDSTICK_VERSION = 2  # in the cache file's name: a new protocol never reads an old classifier
 
 
@@ -266,7 +268,12 @@ class Yardstick:
         cache_dir: str | Path | None = None,
         device: str | torch.device = "cpu",
     ) -> Yardstick:
-        """The yardstick of a dataset; with ``cache_dir`` its classifier is trained once and kept there."""
+        """The yardstick of a dataset; with ``cache_dir`` its classifier is trained once and kept there.
+
+        Without ``cache_dir``, the folder named by the environment variable ``COURSEKIT_YARDSTICK_CACHE``
+        is used when it is set (one classifier shared by every run on a machine); else none.
+        """
+        cache_dir = cache_dir if cache_dir is not None else os.environ.get(CACHE_VARIABLE) or None
         splits = split_real_images(name, root=root)
         path = Path(cache_dir) / f"yardstick-v{YARDSTICK_VERSION}-{name}.pt" if cache_dir is not None else None
         if path is not None and path.exists():

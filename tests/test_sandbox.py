@@ -39,6 +39,9 @@ def run_inside(sandbox: Sandbox, folder: Path, code: str, limits: Limits = LIMIT
     return process.returncode, output.decode() + errors.decode()
 
 
+MARKER = f"/tmp/coursekit-marker-{os.getpid()}"
+
+
 @pytest.fixture
 def folders(tmp_path):
     """A submission's folder, and beside it another student's submission and the gradebook."""
@@ -48,7 +51,9 @@ def folders(tmp_path):
     other.mkdir()
     (other / "01_forward_process.ipynb").write_text("another student's answers")
     (tmp_path / "grades.csv").write_text("file,total\n")
-    return mine, other, tmp_path
+    Path(MARKER).write_text("the grader's temporary folder")
+    yield mine, other, tmp_path
+    Path(MARKER).unlink(missing_ok=True)
 
 
 def test_bubblewrap_is_installed_where_ci_runs():
@@ -135,12 +140,12 @@ def test_other_submissions_and_the_gradebook_are_out_of_sight(folders):
         for path in ["{other}/01_forward_process.ipynb", "{root}/grades.csv", "{root}", "{REPOSITORY}/tests"]:
             print(path, os.path.exists(path))
         print("cwd", os.getcwd(), sorted(os.listdir(".")))
-        print("tmp", os.listdir("/tmp"))
+        print("marker", os.path.exists("{MARKER}"))
         """,
     )
     assert code == 0, output
     assert " True" not in output, output
-    assert "cwd /submission" in output and "tmp []" in output
+    assert "cwd /submission" in output and "marker False" in output  # the grader's /tmp is not its /tmp
 
 
 @needs_bwrap

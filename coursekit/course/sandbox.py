@@ -255,9 +255,9 @@ def bwrap_command(bwrap: str, folder: Path, env: dict, as_root: bool = False) ->
             command += ["--symlink", os.readlink(name), name]
         elif os.path.isdir(name):
             command += ["--ro-bind", name, name]
+    command += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]  # before the binds: Python may live in /tmp
     for python_folder in _python_folders():
         command += ["--ro-bind", python_folder, python_folder]
-    command += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
     command += ["--bind", str(folder), SANDBOX_FOLDER, "--chdir", SANDBOX_FOLDER, "--clearenv"]
     for key, value in env.items():
         command += ["--setenv", key, value]
