@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-QUICK_LOOP = 300  # training steps of the quickstart in QUICK mode
+QUICK_LOOP = 200  # training steps of the quickstart in QUICK mode
 FULL = os.environ.get("COURSEKIT_README_FULL") == "1"
 
 
