@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from coursekit.course.screen import referenced_names
+
 STRICT_VARIABLE = "COURSEKIT_STRICT"
 
 
@@ -136,30 +138,6 @@ def expected_outputs(question: Question) -> list:
 
 
 ALWAYS_FORBIDDEN = {"coursekit", "learner_or_reference"}  # and any name starting with "reference_"
-
-
-def referenced_names(definition: ast.AST) -> set[str]:
-    """Names a definition takes from outside itself: free variables, attributes and imported modules.
-
-    A local variable that happens to share a forbidden name (``snr = ...``) does not count.
-    """
-    local, names = set(), set()
-    for node in ast.walk(definition):
-        if isinstance(node, ast.arg):
-            local.add(node.arg)
-        elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
-            local.add(node.id)
-    for node in ast.walk(definition):
-        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in local:
-            names.add(node.id)
-        elif isinstance(node, ast.Attribute):
-            names.add(node.attr)
-        elif isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            names.update(alias.name for alias in node.names)
-            names.add((node.module or "").split(".")[0])
-    return names
 
 
 def forbidden_names_used(question: Question, names: set[str]) -> set[str]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coursekit.course.authoring import pristine_cells
-from coursekit.course.engine import ALWAYS_FORBIDDEN, Question, Result, questions_for, score
+from coursekit.course.engine import Question, Result, forbidden_names_used, questions_for, score
 from coursekit.course.sandbox import Limits, Sandbox, changed_files, release, snapshot
 from coursekit.course.screen import AnswerProgram, read_answers
 
@@ -165,9 +165,7 @@ def _decide_before_running(question: Question, program: AnswerProgram) -> Result
             f"not run: {'; '.join(map(str, flags[:3]))}{' ...' if len(flags) > 3 else ''}. Answers may not "
             "reach outside their own code; a teacher will look at it",
         )
-    names = program.names_for(question.name) or set()
-    forbidden = (question.forbidden | ALWAYS_FORBIDDEN) - {question.name}
-    borrowed = {name for name in names if name in forbidden}
+    borrowed = forbidden_names_used(question, program.names_for(question.name) or set())
     if borrowed:
         return score(question, [], borrowed)
     return None
