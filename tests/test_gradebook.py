@@ -40,8 +40,17 @@ def test_a_grader_killed_half_way_loses_nothing_and_a_rerun_grades_only_what_is_
     command = [sys.executable, "-m", "coursekit", "grade", str(submissions), "--out", str(out), "--workers", "1"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (journal.exists() and journal.read_text().count("\n") >= 1):
-        time.sleep(0.2)
+
+    def rows_on_disk() -> tuple[int, int]:  # (journal lines, CSV rows); the journal is written first
+        lines = journal.read_text().count("\n") if journal.exists() else 0
+        table = out.read_text().count("\n") - 1 if out.exists() else 0
+        return lines, table
+
+    while time.monotonic() < deadline:
+        lines, table = rows_on_disk()
+        if lines >= 1 and lines == table:  # kill between rows, never inside one row's two writes
+            break
+        time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     finished = journal.read_text().count("\n")

@@ -193,6 +193,7 @@ def grade(
             to_grade.append(path)
     if rows:
         announce(f"{len(rows)} submission(s) unchanged since they were graded: kept; grading {len(to_grade)}")
+        write_feedback(list(rows.values()), feedback_dir)  # the new rows get theirs as they finish
 
     from tqdm.auto import tqdm
 
@@ -223,8 +224,7 @@ def grade(
         list(pool.map(one, to_grade))
     bar.close()
     ordered = [rows[path] for path in submissions]
-    write_gradebook(ordered, out)
-    write_feedback(ordered, feedback_dir)
+    write_gradebook(ordered, out)  # also when every row was kept, or a file left the folder
     if lms:
         write_lms_gradebook(ordered, lms, id_column, announce)
     return ordered
