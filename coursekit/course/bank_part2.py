@@ -1,6 +1,9 @@
 """Question bank, part two: the exercises of notebooks 05-08 (fewer steps, control, latents, editing).
 
-References first, then the cases they are tried on, then the questions.
+As in part one, each exercise asks for a variation on what its notebook shows (a stochastic DDIM step,
+the solver written for a noise prediction, conditions dropped whole, two guidance directions at once,
+a strength per image), so that the notebook's worked cells do not answer it. References first, then
+the cases they are tried on, the mistakes learners make, and the questions.
 """
 
 from __future__ import annotations
@@ -11,65 +14,263 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coursekit.course.bank_part1 import reference_noisy_image
-from coursekit.course.engine import Mismatch, Question, compare_tensors, register, seeded, seeded_generator
-from coursekit.losses import drop_labels
-from coursekit.samplers import with_guidance
+from coursekit.course.engine import (
+    Mismatch,
+    Mistake,
+    Question,
+    Written,
+    compare_tensors,
+    register,
+    seeded,
+    seeded_generator,
+)
 from coursekit.schedules import make_schedule
 
 
-def reference_ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev):
+def _per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+# ============================================================================= 05: fewer steps
+
+
+def reference_ddim_step(x_t, eps, alpha_bar_t, alpha_bar_next, eta, z):
     x0_pred = (x_t - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5  # DDPM Eq. 15
-    return alpha_bar_prev**0.5 * x0_pred + (1 - alpha_bar_prev) ** 0.5 * eps  # DDIM Eq. 12, sigma = 0
+    sigma = eta * ((1 - alpha_bar_next) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_next)) ** 0.5  # DDIM Eq. 16
+    direction = max(1 - alpha_bar_next - sigma**2, 0.0) ** 0.5 * eps
+    return alpha_bar_next**0.5 * x0_pred + direction + sigma * z  # DDIM Eq. 12
 
 
 def _half_log_snr(alpha_bar: float) -> float:
     return 0.5 * math.log(alpha_bar / (1 - alpha_bar))  # lambda = log(alpha / sigma)
 
 
-def reference_dpm_solver_step(x_t, x0_pred, previous_x0_pred, alpha_bar_previous, alpha_bar_t, alpha_bar_next):
+def reference_dpm_solver_eps_step(x_t, eps, previous_eps, alpha_bar_previous, alpha_bar_t, alpha_bar_next):
     if alpha_bar_next == 1.0:
-        return x0_pred.clone()  # sigma_next = 0: the update lands on the x0 guess
+        return (x_t - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5  # the first-order jump lands on x0
     h = _half_log_snr(alpha_bar_next) - _half_log_snr(alpha_bar_t)
-    direction = x0_pred
-    if previous_x0_pred is not None:
+    direction = eps
+    if previous_eps is not None:
         r = (_half_log_snr(alpha_bar_t) - _half_log_snr(alpha_bar_previous)) / h
-        direction = (1 + 1 / (2 * r)) * x0_pred - 1 / (2 * r) * previous_x0_pred
-    ratio = ((1 - alpha_bar_next) / (1 - alpha_bar_t)) ** 0.5
-    return ratio * x_t - alpha_bar_next**0.5 * math.expm1(-h) * direction  # DPM-Solver++ Algorithm 2
+        direction = (1 + 1 / (2 * r)) * eps - 1 / (2 * r) * previous_eps
+    # DPM-Solver-2M in the noise-prediction form (Lu et al. 2022, Eqs. 3.7 and 3.10, multistep)
+    return (alpha_bar_next / alpha_bar_t) ** 0.5 * x_t - (1 - alpha_bar_next) ** 0.5 * math.expm1(h) * direction
 
 
-def reference_drop_labels(labels, probability, null_label, generator):
-    return drop_labels(labels, probability, null_label, generator)
+def _ddim_without_noise(x_t, eps, alpha_bar_t, alpha_bar_next, eta, z):
+    return reference_ddim_step(x_t, eps, alpha_bar_t, alpha_bar_next, 0.0, z)
 
 
-def reference_guided_noise(model, x_t, t, labels, guidance_scale, null_label):
-    return with_guidance(model, labels, guidance_scale, null_label)(x_t, t)
+def _ddim_keeping_the_full_direction(x_t, eps, alpha_bar_t, alpha_bar_next, eta, z):
+    x0_pred = (x_t - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5
+    sigma = eta * ((1 - alpha_bar_next) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_next)) ** 0.5
+    return alpha_bar_next**0.5 * x0_pred + (1 - alpha_bar_next) ** 0.5 * eps + sigma * z
 
 
-def reference_reconstruction_loss(autoencoder, images, latent_noise, generator):
-    latents = autoencoder.encode(images)
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
-    return F.mse_loss(autoencoder.decode(latents + latent_noise * noise), images)
+def _ddim_sigma_with_one_factor(x_t, eps, alpha_bar_t, alpha_bar_next, eta, z):
+    x0_pred = (x_t - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5
+    sigma = eta * ((1 - alpha_bar_next) / (1 - alpha_bar_t)) ** 0.5
+    return alpha_bar_next**0.5 * x0_pred + max(1 - alpha_bar_next - sigma**2, 0.0) ** 0.5 * eps + sigma * z
 
 
-def reference_scale_latents(latents):
-    scale = 1 / latents.std().item()
-    return latents * scale, scale
+def _ddim_eta_on_the_variance(x_t, eps, alpha_bar_t, alpha_bar_next, eta, z):
+    return reference_ddim_step(x_t, eps, alpha_bar_t, alpha_bar_next, eta**0.5, z)
 
 
-def reference_latents_to_images(autoencoder, latents, scale):
-    return autoencoder.decode(latents / scale).clamp(-1, 1)
+def _ddim_square_root_misplaced(x_t, eps, alpha_bar_t, alpha_bar_next, eta, z):
+    wrong_x0 = (x_t - (1 - alpha_bar_t) * eps) / alpha_bar_t**0.5
+    right_x0 = (x_t - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5
+    return reference_ddim_step(x_t, eps, alpha_bar_t, alpha_bar_next, eta, z) + alpha_bar_next**0.5 * (
+        wrong_x0 - right_x0
+    )
 
 
-def reference_edit_start(images, strength, alpha_bar, noise):
-    t = round(strength * (len(alpha_bar) - 1))
-    return reference_noisy_image(images, torch.full((images.shape[0],), t), alpha_bar, noise), t
+def _solver_step_with(lam=_half_log_snr, data_form=False, minus_h=False, r_inverted=False):
+    def step(x_t, eps, previous_eps, alpha_bar_previous, alpha_bar_t, alpha_bar_next):
+        if alpha_bar_next == 1.0:
+            return (x_t - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5
+        h = lam(alpha_bar_next) - lam(alpha_bar_t)
+        direction = eps
+        if previous_eps is not None:
+            r = (lam(alpha_bar_t) - lam(alpha_bar_previous)) / h
+            r = 1 / r if r_inverted else r
+            direction = (1 + 1 / (2 * r)) * eps - 1 / (2 * r) * previous_eps
+        if data_form:
+            ratio = ((1 - alpha_bar_next) / (1 - alpha_bar_t)) ** 0.5
+            return ratio * x_t - alpha_bar_next**0.5 * math.expm1(-h) * direction
+        growth = math.expm1(-h) if minus_h else math.expm1(h)
+        return (alpha_bar_next / alpha_bar_t) ** 0.5 * x_t - (1 - alpha_bar_next) ** 0.5 * growth * direction
+
+    return step
 
 
-def reference_merge_known(x_generated, images, mask, alpha_bar_t, noise):
-    known = alpha_bar_t**0.5 * images + (1 - alpha_bar_t) ** 0.5 * noise  # the kept pixels, noised to t
-    return mask * known + (1 - mask) * x_generated  # RePaint Algorithm 1, line 8
+def _cases_ddim_step() -> list[dict]:
+    alpha_bar = make_schedule("cosine", 1000).alpha_bar.tolist()
+    generator = seeded_generator(8)
+    cases = []
+    for t, following, eta, batch, dtype in ((999, 949, 0.0, 3, torch.float32), (500, 400, 1.0, 3, torch.float32),
+                                            (20, None, 0.5, 3, torch.float32), (700, 0, 0.3, 1, torch.float64)):  # fmt: skip
+        cases.append(
+            {
+                "x_t": torch.randn(batch, 1, 4, 4, generator=generator, dtype=dtype),
+                "eps": torch.randn(batch, 1, 4, 4, generator=generator, dtype=dtype),
+                "alpha_bar_t": alpha_bar[t],
+                "alpha_bar_next": alpha_bar[following] if following is not None else 1.0,
+                "eta": eta,
+                "z": torch.randn(batch, 1, 4, 4, generator=generator, dtype=dtype),
+                "label": f"from t = {t} to {'the clean image' if following is None else following}, eta = {eta}"
+                + (", a batch of one in float64" if batch == 1 else ""),
+            }
+        )
+    return cases
+
+
+def _cases_dpm_solver_step() -> list[dict]:
+    alpha_bar = make_schedule("cosine", 1000).alpha_bar.tolist()
+    generator = seeded_generator(9)
+    cases = []
+    for previous, t, following in ((None, 999, 899), (999, 899, 700), (600, 450, 300), (200, 100, 0), (100, 0, None)):
+        previous_eps = torch.randn(2, 1, 4, 4, generator=generator) if previous is not None else None
+        cases.append(
+            {
+                "x_t": torch.randn(2, 1, 4, 4, generator=generator),
+                "eps": torch.randn(2, 1, 4, 4, generator=generator),
+                "previous_eps": previous_eps,
+                "alpha_bar_previous": alpha_bar[previous] if previous is not None else None,
+                "alpha_bar_t": alpha_bar[t],
+                "alpha_bar_next": alpha_bar[following] if following is not None else 1.0,
+                "label": (
+                    "the first step (no previous guess)"
+                    if previous is None
+                    else ("the last step, to the clean image" if following is None else f"from t = {t} to {following}")
+                ),
+            }
+        )
+    return cases
+
+
+register(
+    Question(
+        "05.q1",
+        3,
+        "ddim_step",
+        reference_ddim_step,
+        _cases_ddim_step,
+        lambda f, c: f(c["x_t"], c["eps"], c["alpha_bar_t"], c["alpha_bar_next"], c["eta"], c["z"]),
+        "with eta > 0 part of the variance at the next step comes from fresh noise z: the eps term must make "
+        "room for it",
+        "x0_pred = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t); sigma = eta * sqrt((1 - a_next) / (1 - a_t)) * "
+        "sqrt(1 - a_t / a_next); return sqrt(a_next) x0_pred + sqrt(1 - a_next - sigma^2) eps + sigma z",
+        mistakes=[
+            Mistake("eta > 0 adds fresh noise, sigma * z: your step leaves it out", _ddim_without_noise),
+            Mistake("with sigma > 0 the eps term's variance shrinks to 1 - alpha_bar_next - sigma^2",
+                    _ddim_keeping_the_full_direction),
+            Mistake("sigma has two square-root factors: the factor sqrt(1 - alpha_bar_t / alpha_bar_next) is missing",
+                    _ddim_sigma_with_one_factor),
+            Mistake("eta scales sigma itself (a standard deviation), not sigma squared", _ddim_eta_on_the_variance),
+            Mistake("the square root in x0_pred: subtract sqrt(1 - alpha_bar_t) * eps", _ddim_square_root_misplaced),
+        ],
+        forbidden={"ddim_steps", "ddim_sample", "predict_x0"},
+    )
+)
+register(
+    Question(
+        "05.q2",
+        3,
+        "dpm_solver_eps_step",
+        reference_dpm_solver_eps_step,
+        _cases_dpm_solver_step,
+        lambda f, c: f(
+            c["x_t"],
+            c["eps"],
+            c["previous_eps"],
+            c["alpha_bar_previous"],
+            c["alpha_bar_t"],
+            c["alpha_bar_next"],
+        ),
+        "the notebook's step is written for a clean-image guess; redo its derivation for a noise guess: which "
+        "of x_t's two parts (alpha x0 and sigma eps) does the exponential integrator keep exactly now?",
+        "alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma), h = lambda_next - "
+        "lambda_t; D = eps on the first step, else (1 + 1/(2r)) eps - 1/(2r) previous_eps with r = (lambda_t - "
+        "lambda_previous) / h; x_next = (alpha_next / alpha_t) x_t - sigma_next (e^h - 1) D; on the last step "
+        "(alpha_bar_next == 1) return (x_t - sigma_t eps) / alpha_t",
+        mistakes=[
+            Mistake("those are the data-prediction (++) coefficients of notebook 05; with a noise guess, x_t is "
+                    "scaled by alpha_next / alpha_t", _solver_step_with(data_form=True)),
+            Mistake("the noise form grows with e^h - 1 (math.expm1(h)); e^-h - 1 belongs to the data form",
+                    _solver_step_with(minus_h=True)),
+            Mistake("lambda is log(alpha / sigma), half the log of the SNR", _solver_step_with(lam=lambda a: math.log(a / (1 - a)))),
+            Mistake("r is upside down: the previous step's lambda gap over this step's h",
+                    _solver_step_with(r_inverted=True)),
+        ],
+        forbidden={"dpm_solver_steps", "dpm_solver_sample", "predict_x0"},
+    )
+)
+register(
+    Written(
+        "05.q3",
+        2,
+        "With eta = 0, DDIM turns each starting noise into one fixed image. Name one thing that makes possible "
+        "which DDPM's sampler cannot do, and say why.",
+    )
+)
+
+
+# ============================================================================= 06: control
+
+
+def reference_drop_conditions(conditions, probability, generator):
+    drop = torch.rand(conditions.shape[0], generator=generator) < probability  # one draw per example
+    drop = drop.reshape(-1, *([1] * (conditions.ndim - 1)))
+    return torch.where(drop, torch.zeros_like(conditions), conditions)
+
+
+def reference_composed_noise(model, x_t, t, labels_a, labels_b, scale_a, scale_b, null_label):
+    unconditional = model(x_t, t, class_labels=torch.full_like(labels_a, null_label))
+    toward_a = model(x_t, t, class_labels=labels_a) - unconditional
+    toward_b = model(x_t, t, class_labels=labels_b) - unconditional
+    return unconditional + scale_a * toward_a + scale_b * toward_b  # composed guidance (Liu et al. 2022)
+
+
+def _drop_each_number(conditions, probability, generator):
+    drop = torch.rand(conditions.shape, generator=generator) < probability
+    return torch.where(drop, torch.zeros_like(conditions), conditions)
+
+
+def _drop_in_place(conditions, probability, generator):
+    drop = torch.rand(conditions.shape[0], generator=generator) < probability
+    conditions[drop] = 0
+    return conditions
+
+
+def _drop_above(conditions, probability, generator):
+    drop = torch.rand(conditions.shape[0], generator=generator) > probability
+    return torch.where(drop.reshape(-1, *([1] * (conditions.ndim - 1))), torch.zeros_like(conditions), conditions)
+
+
+def _drop_without_reshaping(conditions, probability, generator):
+    keep = torch.rand(conditions.shape[0], generator=generator) >= probability
+    return conditions * keep
+
+
+def _composed_from(base="unconditional", b_from="unconditional", one_scale=False, in_place=False):
+    def composed_noise(model, x_t, t, labels_a, labels_b, scale_a, scale_b, null_label):
+        if in_place:
+            eps_a = model(x_t, t, class_labels=labels_a)
+            nulls = labels_a
+            nulls[:] = null_label
+        else:
+            eps_a = model(x_t, t, class_labels=labels_a)
+            nulls = torch.full_like(labels_a, null_label)
+        eps_u = model(x_t, t, class_labels=nulls)
+        eps_b = model(x_t, t, class_labels=labels_b)
+        start = eps_u if base == "unconditional" else eps_a
+        from_b = eps_u if b_from == "unconditional" else eps_a
+        if one_scale:
+            return start + scale_a * ((eps_a - eps_u) + (eps_b - eps_u))
+        return start + scale_a * (eps_a - eps_u) + scale_b * (eps_b - from_b)
+
+    return composed_noise
 
 
 class TinyConditionalDenoiser(nn.Module):
@@ -88,6 +289,130 @@ class TinyConditionalDenoiser(nn.Module):
         return self.conv(torch.cat([x_t, time_plane], dim=1)) + self.label_vectors(labels).view(-1, 1, 1, 1)
 
 
+def _cases_drop_conditions() -> list[dict]:
+    generator = seeded_generator(17)
+    return [
+        {"conditions": torch.randn(200, 4, generator=generator), "probability": 0.1, "seed": 0,
+         "label": "200 conditions of 4 numbers, probability 0.1"},
+        {"conditions": torch.randn(50, 3, 5, generator=generator, dtype=torch.float64), "probability": 0.5,
+         "seed": 1, "label": "50 float64 token sequences (3 x 5), probability 0.5"},
+        {"conditions": torch.randn(8, 4, generator=generator), "probability": 0.0, "seed": 2,
+         "label": "probability 0: nothing dropped"},
+        {"conditions": torch.randn(1, 6, generator=generator), "probability": 0.9, "seed": 3,
+         "label": "a batch of one, probability 0.9"},
+    ]  # fmt: skip
+
+
+def _cases_composed_noise() -> list[dict]:
+    generator = seeded_generator(10)
+    cases = []
+    for scale_a, scale_b in ((0.0, 0.0), (1.0, 0.0), (3.0, 2.0), (7.5, -1.5)):
+        cases.append(
+            {
+                "state": seeded(TinyConditionalDenoiser, 11).state_dict(),
+                "x_t": torch.randn(4, 1, 6, 6, generator=generator),
+                "t": torch.tensor([999, 500, 10, 0]),
+                "labels_a": torch.tensor([0, 1, 2, 1]),
+                "labels_b": torch.tensor([2, 2, 0, 0]),
+                "scale_a": scale_a,
+                "scale_b": scale_b,
+                "label": f"scales {scale_a} and {scale_b}",
+            }
+        )
+    return cases
+
+
+def _call_composed_noise(implementation, case):
+    model = TinyConditionalDenoiser()
+    model.load_state_dict(case["state"])
+    with torch.no_grad():
+        return implementation(
+            model,
+            case["x_t"],
+            case["t"],
+            case["labels_a"],
+            case["labels_b"],
+            case["scale_a"],
+            case["scale_b"],
+            model.null_label,
+        )
+
+
+register(
+    Question(
+        "06.q1",
+        3,
+        "drop_conditions",
+        reference_drop_conditions,
+        _cases_drop_conditions,
+        lambda f, c: f(c["conditions"], c["probability"], seeded_generator(c["seed"])),
+        "a dropped example loses its whole condition, whatever shape the condition has; and the caller's "
+        "tensor must stay as it was",
+        "drop = torch.rand(conditions.shape[0], generator=generator) < probability; reshape drop to (B, 1, ..., 1); "
+        "return torch.where(drop, torch.zeros_like(conditions), conditions)",
+        mistakes=[
+            Mistake("draw one number per example (conditions.shape[0] of them), so that a dropped example loses "
+                    "its whole condition", _drop_each_number),
+            Mistake("changed its input `conditions` in place", _drop_in_place),
+            Mistake("you drop where the draw is above probability, which drops 1 - probability of them",
+                    _drop_above),
+            Mistake("the draws have one entry per example: reshape them to (B, 1, ..., 1) so that each covers its "
+                    "example's whole condition", _drop_without_reshaping),
+        ],
+        forbidden={"drop_labels", "diffusion_loss"},
+    )
+)
+register(
+    Question(
+        "06.q2",
+        3,
+        "composed_noise",
+        reference_composed_noise,
+        _cases_composed_noise,
+        _call_composed_noise,
+        "guidance starts from the unconditional guess and adds each condition's own direction, measured from "
+        "that same unconditional guess",
+        "eps_u = model(x_t, t, class_labels=torch.full_like(labels_a, null_label)); eps_a, eps_b with labels_a "
+        "and labels_b; return eps_u + scale_a (eps_a - eps_u) + scale_b (eps_b - eps_u)",
+        mistakes=[
+            Mistake("the guidance starts from the unconditional guess, not from the first condition's",
+                    _composed_from(base="conditional")),
+            Mistake("each direction is measured from the unconditional guess: eps_b - eps_u, not eps_b - eps_a",
+                    _composed_from(b_from="conditional")),
+            Mistake("each direction has its own scale", _composed_from(one_scale=True)),
+            Mistake("changed its input `labels_a` in place", _composed_from(in_place=True)),
+        ],
+        forbidden={"with_guidance", "guided_noise"},
+    )
+)
+register(
+    Written(
+        "06.q3",
+        2,
+        "In the figure of the notebook, raise the guidance scale from 1 to 7: what happens to the digits, and "
+        "what is the price? Explain it with the formula of guidance.",
+    )
+)
+
+
+# ============================================================================= 07: latent diffusion
+
+
+def reference_reconstruction_loss(autoencoder, images, latent_noise, generator):
+    latents = autoencoder.encode(images)
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
+    return F.mse_loss(autoencoder.decode(latents + latent_noise * noise), images)
+
+
+def reference_scale_latents(latents):
+    scale = 1 / latents.std().item()  # torch's default: the sample standard deviation (dividing by n - 1)
+    return latents * scale, scale
+
+
+def reference_latents_to_images(autoencoder, latents, scale):
+    return autoencoder.decode(latents / scale).clamp(-1, 1)
+
+
 class TinyAutoencoder(nn.Module):
     """A small stand-in autoencoder: 8x8 images <-> (2, 4, 4) latents."""
 
@@ -100,143 +425,36 @@ class TinyAutoencoder(nn.Module):
         return self.encoder(images)
 
     def decode(self, latents):
-        return torch.tanh(self.decoder(latents))
-
-
-def _cases_ddim_step() -> list[dict]:
-    alpha_bar = make_schedule("cosine", 1000).alpha_bar.tolist()
-    generator = seeded_generator(8)
-    cases = []
-    for t, previous in ((999, 949), (500, 400), (20, 0), (0, None)):
-        cases.append(
-            {
-                "x_t": torch.randn(3, 1, 4, 4, generator=generator),
-                "eps": torch.randn(3, 1, 4, 4, generator=generator),
-                "alpha_bar_t": alpha_bar[t],
-                "alpha_bar_prev": alpha_bar[previous] if previous is not None else 1.0,
-                "label": f"from t = {t} to {'the clean image' if previous is None else previous}",
-            }
-        )
-    return cases
-
-
-def _cases_dpm_solver_step() -> list[dict]:
-    alpha_bar = make_schedule("cosine", 1000).alpha_bar.tolist()
-    generator = seeded_generator(9)
-    cases = []
-    for previous, t, following in ((None, 999, 899), (999, 899, 700), (600, 450, 300), (200, 100, 0), (100, 0, None)):
-        x0_previous = torch.randn(2, 1, 4, 4, generator=generator) if previous is not None else None
-        cases.append(
-            {
-                "x_t": torch.randn(2, 1, 4, 4, generator=generator),
-                "x0_pred": torch.randn(2, 1, 4, 4, generator=generator),
-                "previous_x0_pred": x0_previous,
-                "alpha_bar_previous": alpha_bar[previous] if previous is not None else None,
-                "alpha_bar_t": alpha_bar[t],
-                "alpha_bar_next": alpha_bar[following] if following is not None else 1.0,
-                "label": (
-                    "the first step (no previous guess)"
-                    if previous is None
-                    else ("the last step, to the clean image" if following is None else f"from t = {t} to {following}")
-                ),
-            }
-        )
-    return cases
-
-
-def _cases_drop_labels() -> list[dict]:
-    labels = torch.arange(10).repeat(20)
-    return [
-        {"labels": labels, "probability": 0.1, "null_label": 10, "seed": 0, "label": "probability 0.1"},
-        {"labels": labels, "probability": 0.5, "null_label": 10, "seed": 1, "label": "probability 0.5"},
-        {"labels": labels, "probability": 0.0, "null_label": 10, "seed": 2, "label": "probability 0"},
-        {
-            "labels": labels[:7] % 3,
-            "probability": 0.9,
-            "null_label": 3,
-            "seed": 3,
-            "label": "3 classes, probability 0.9",
-        },
-    ]
-
-
-def _cases_guided_noise() -> list[dict]:
-    generator = seeded_generator(10)
-    cases = []
-    for scale in (0.0, 1.0, 3.0, 7.5):
-        cases.append(
-            {
-                "state": seeded(TinyConditionalDenoiser, 11).state_dict(),
-                "x_t": torch.randn(4, 1, 6, 6, generator=generator),
-                "t": torch.tensor([999, 500, 10, 0]),
-                "labels": torch.tensor([0, 1, 2, 1]),
-                "guidance_scale": scale,
-                "label": f"guidance scale {scale}",
-            }
-        )
-    return cases
+        return torch.tanh(self.decoder(latents) * 2)
 
 
 def _cases_autoencoder() -> list[dict]:
     generator = seeded_generator(12)
     cases = []
-    for latent_noise in (0.0, 0.1, 0.5):
+    for latent_noise, batch in ((0.0, 5), (0.1, 5), (0.5, 1)):
         cases.append(
             {
                 "state": seeded(TinyAutoencoder, 13).state_dict(),
-                "images": torch.rand(5, 1, 8, 8, generator=generator) * 2 - 1,
-                "latents": torch.randn(5, 2, 4, 4, generator=generator) * 3 + 0.2,
+                "images": torch.rand(batch, 1, 8, 8, generator=generator) * 2 - 1,
+                "latents": torch.randn(batch, 2, 4, 4, generator=generator) * 3 + 0.2,
                 "scale": 0.25 + latent_noise,
                 "latent_noise": latent_noise,
                 "seed": 14,
-                "label": f"latent noise {latent_noise}",
+                "label": f"latent noise {latent_noise}, batch of {batch}",
             }
         )
     return cases
 
 
-def _cases_edit_start() -> list[dict]:
-    alpha_bar = make_schedule("cosine", 100).alpha_bar.float()
-    generator = seeded_generator(15)
-    cases = []
-    for strength in (0.0, 0.3, 0.55, 1.0):
-        cases.append(
-            {
-                "images": torch.rand(3, 1, 4, 4, generator=generator) * 2 - 1,
-                "strength": strength,
-                "alpha_bar": alpha_bar,
-                "noise": torch.randn(3, 1, 4, 4, generator=generator),
-                "label": f"strength {strength}",
-            }
-        )
-    return cases
-
-
-def _cases_merge_known() -> list[dict]:
-    alpha_bar = make_schedule("cosine", 1000).alpha_bar.tolist()
-    generator = seeded_generator(16)
-    left_half = torch.zeros(1, 1, 4, 4)
-    left_half[..., :2] = 1
-    cases = []
-    for t, mask in ((999, left_half), (300, left_half), (None, torch.rand(2, 1, 4, 4, generator=generator).round())):
-        cases.append(
-            {
-                "x_generated": torch.randn(2, 1, 4, 4, generator=generator),
-                "images": torch.rand(2, 1, 4, 4, generator=generator) * 2 - 1,
-                "mask": mask,
-                "alpha_bar_t": alpha_bar[t] if t is not None else 1.0,
-                "noise": torch.randn(2, 1, 4, 4, generator=generator),
-                "label": "the clean image, a random mask" if t is None else f"t = {t}, keep the left half",
-            }
-        )
-    return cases
-
-
-def _call_guided_noise(implementation, case):
-    model = TinyConditionalDenoiser()
-    model.load_state_dict(case["state"])
-    with torch.no_grad():
-        return implementation(model, case["x_t"], case["t"], case["labels"], case["guidance_scale"], model.null_label)
+def _cases_scale_latents() -> list[dict]:
+    generator = seeded_generator(18)
+    return [
+        {"latents": torch.randn(5, 2, 4, 4, generator=generator) * 3 + 0.2, "label": "5 codes of 2 x 4 x 4"},
+        {"latents": torch.randn(1, 4, 2, 2, generator=generator, dtype=torch.float64) * 0.2 + 5,
+         "label": "one float64 code, mean 5"},
+        {"latents": torch.randn(3, 4, 8, 8, generator=generator) * torch.tensor([1.0, 2.0, 4.0, 8.0]).view(1, 4, 1, 1),
+         "label": "4 channels of different spread"},
+    ]  # fmt: skip
 
 
 def _autoencoder(case) -> TinyAutoencoder:
@@ -258,79 +476,51 @@ def _call_latents_to_images(implementation, case):
 def _compare_scaled_latents(got, expected, case) -> None:
     if not isinstance(got, tuple) or len(got) != 2:
         raise Mismatch("return two things: (scaled latents, scale)")
-    compare_tensors(got[0], expected[0], {"label": "the scaled latents"})
-    if not isinstance(got[1], (int, float)) or abs(got[1] - expected[1]) > 1e-5 * abs(expected[1]):
-        raise Mismatch(f"expected the scale {expected[1]:.6g} as a Python float, got {got[1]!r}")
+    if type(got[1]) is not type(expected[1]):
+        raise Mismatch(f"expected the scale as a Python float (.item()), got a {type(got[1]).__name__}")
+    compare_tensors(got[0], expected[0], {"part": "the scaled latents"})
+    if abs(got[1] - expected[1]) > 1e-5 * abs(expected[1]):
+        raise Mismatch(f"expected the scale {expected[1]:.6g}, got {got[1]!r}")
 
 
-def _compare_edit_start(got, expected, case) -> None:
-    if not isinstance(got, tuple) or len(got) != 2:
-        raise Mismatch("return two things: (x_t, t)")
-    if got[1] != expected[1] or not isinstance(got[1], int):
-        raise Mismatch(f"expected t = {expected[1]} (an int) for {case['label']}, got {got[1]!r}")
-    compare_tensors(got[0], expected[0], case)
+def _loss_with_unscaled_noise(autoencoder, images, latent_noise, generator):
+    latents = autoencoder.encode(images)
+    return F.mse_loss(autoencoder.decode(latents + torch.randn(latents.shape, generator=generator)), images)
 
 
-register(
-    Question(
-        "05.q1",
-        3,
-        "ddim_step",
-        reference_ddim_step,
-        _cases_ddim_step,
-        lambda f, c: f(c["x_t"], c["eps"], c["alpha_bar_t"], c["alpha_bar_prev"]),
-        "x0_pred = (x_t - sqrt(1 - alpha_bar_t) * eps) / sqrt(alpha_bar_t); "
-        "return sqrt(alpha_bar_prev) * x0_pred + sqrt(1 - alpha_bar_prev) * eps",
-        forbidden={"ddim_steps", "ddim_sample", "predict_x0"},
-    )
-)
-register(
-    Question(
-        "05.q2",
-        3,
-        "dpm_solver_step",
-        reference_dpm_solver_step,
-        _cases_dpm_solver_step,
-        lambda f, c: f(
-            c["x_t"],
-            c["x0_pred"],
-            c["previous_x0_pred"],
-            c["alpha_bar_previous"],
-            c["alpha_bar_t"],
-            c["alpha_bar_next"],
-        ),
-        "lambda(a) = 0.5 * log(a / (1 - a)); h = lambda(next) - lambda(t); D = x0_pred on the first step, else "
-        "(1 + 1/(2r)) x0_pred - 1/(2r) previous_x0_pred with r = (lambda(t) - lambda(previous)) / h; "
-        "x_next = sqrt((1 - next) / (1 - t)) x_t - sqrt(next) (exp(-h) - 1) D; x0_pred itself when alpha_bar_next is 1",
-        forbidden={"dpm_solver_steps", "dpm_solver_sample"},
-    )
-)
-register(
-    Question(
-        "06.q1",
-        3,
-        "drop_labels",
-        reference_drop_labels,
-        _cases_drop_labels,
-        lambda f, c: f(c["labels"], c["probability"], c["null_label"], seeded_generator(c["seed"])),
-        "drop = torch.rand(labels.shape, generator=generator) < probability; "
-        "torch.where(drop, null_label, labels), keeping the int64 dtype",
-        forbidden={"diffusion_loss"},
-    )
-)
-register(
-    Question(
-        "06.q2",
-        3,
-        "guided_noise",
-        reference_guided_noise,
-        _cases_guided_noise,
-        _call_guided_noise,
-        "eps_cond = model(x_t, t, class_labels=labels); eps_uncond = model(x_t, t, class_labels=a tensor full of "
-        "null_label); return eps_uncond + guidance_scale * (eps_cond - eps_uncond)",
-        forbidden={"with_guidance"},
-    )
-)
+def _loss_noising_the_images(autoencoder, images, latent_noise, generator):
+    noisy = images + latent_noise * torch.randn(images.shape, generator=generator)
+    return F.mse_loss(autoencoder.decode(autoencoder.encode(noisy)), images)
+
+
+def _loss_with_squared_noise(autoencoder, images, latent_noise, generator):
+    return reference_reconstruction_loss(autoencoder, images, latent_noise**2, generator)
+
+
+def _loss_summed(autoencoder, images, latent_noise, generator):
+    return reference_reconstruction_loss(autoencoder, images, latent_noise, generator) * images.numel()
+
+
+def _scale_with_population_std(latents):
+    scale = 1 / latents.std(correction=0).item()
+    return latents * scale, scale
+
+
+def _scale_per_channel(latents):
+    std = latents.transpose(0, 1).reshape(latents.shape[1], -1).std(dim=1)
+    return latents / std.view(1, -1, *([1] * (latents.ndim - 2))), (1 / std).mean().item()
+
+
+def _scale_by_the_std(latents):
+    scale = latents.std().item()
+    return latents * scale, scale
+
+
+def _scale_as_a_tensor(latents):
+    scale = 1 / latents.std()
+    return latents * scale, scale
+
+
 register(
     Question(
         "07.q1",
@@ -339,8 +529,17 @@ register(
         reference_reconstruction_loss,
         _cases_autoencoder,
         _call_reconstruction_loss,
+        "the noise goes on the codes, after encoding, with latent_noise as its standard deviation; the loss "
+        "compares with the images",
         "latents = autoencoder.encode(images); noise = torch.randn(latents.shape, generator=generator); "
         "F.mse_loss(autoencoder.decode(latents + latent_noise * noise), images)",
+        mistakes=[
+            Mistake("the noise is multiplied by latent_noise before it is added", _loss_with_unscaled_noise),
+            Mistake("the noise goes on the codes, after encoding, not on the images", _loss_noising_the_images),
+            Mistake("latent_noise is the noise's standard deviation: multiply by it, do not square it",
+                    _loss_with_squared_noise),
+            Mistake("the loss is the mean over every number (F.mse_loss's default), not the sum", _loss_summed),
+        ],
         forbidden={"autoencoder_loss"},
     )
 )
@@ -350,9 +549,17 @@ register(
         2,
         "scale_latents",
         reference_scale_latents,
-        _cases_autoencoder,
+        _cases_scale_latents,
         lambda f, c: f(c["latents"]),
+        "one number for the whole tensor, and the standard deviation the question names (torch's default)",
         "scale = 1 / latents.std().item() (a Python float); return (latents * scale, scale)",
+        mistakes=[
+            Mistake("that is the population standard deviation (dividing by n); the question asks for torch's "
+                    "default, the sample standard deviation (dividing by n - 1)", _scale_with_population_std),
+            Mistake("one scale for the whole tensor, not one per channel", _scale_per_channel),
+            Mistake("the scale is one over the standard deviation", _scale_by_the_std),
+            Mistake("return the scale as a Python float (.item()), not a tensor", _scale_as_a_tensor),
+        ],
         forbidden={"encode_dataset"},
         compare=_compare_scaled_latents,
     )
@@ -365,10 +572,140 @@ register(
         reference_latents_to_images,
         _cases_autoencoder,
         _call_latents_to_images,
-        "undo the scaling first: autoencoder.decode(latents / scale), then clamp to [-1, 1]",
+        "undo what scale_latents did before decoding, and clamp what comes out",
+        "autoencoder.decode(latents / scale).clamp(-1, 1)",
+        mistakes=[
+            Mistake("undo the scaling by dividing by scale, not multiplying",
+                    lambda autoencoder, latents, scale: autoencoder.decode(latents * scale).clamp(-1, 1)),
+            Mistake("the codes must be unscaled before decoding",
+                    lambda autoencoder, latents, scale: autoencoder.decode(latents).clamp(-1, 1)),
+            Mistake("clamp the decoded images, not the codes",
+                    lambda autoencoder, latents, scale: autoencoder.decode((latents / scale).clamp(-1, 1))),
+            Mistake("clamp the images to [-1, 1] at the end",
+                    lambda autoencoder, latents, scale: autoencoder.decode(latents / scale).clamp(0, 1)),
+        ],
         forbidden={"decode_latents"},
     )
 )
+register(
+    Written(
+        "07.q4",
+        2,
+        "Diffusion on the autoencoder's codes is faster than on the pixels. Where does the time go, and what "
+        "do the generated images lose in exchange?",
+    )
+)
+
+
+# ============================================================================= 08: editing
+
+
+def reference_edit_start(images, strengths, alpha_bar, noise):
+    t = torch.round(strengths * (len(alpha_bar) - 1)).long()  # one step per image
+    a = _per_example(alpha_bar[t], images)
+    return a.sqrt() * images + (1 - a).sqrt() * noise, t
+
+
+def reference_merge_known(x_generated, images, mask, alpha_bar_t, noise):
+    a = _per_example(alpha_bar_t, images)
+    known = a.sqrt() * images + (1 - a).sqrt() * noise  # the kept pixels, noised to each image's step
+    return mask * known + (1 - mask) * x_generated  # RePaint Algorithm 1, line 8
+
+
+def _cases_edit_start() -> list[dict]:
+    alpha_bar = make_schedule("cosine", 100).alpha_bar.float()
+    generator = seeded_generator(15)
+    cases = []
+    for strengths, dtype in (([0.0, 0.3, 0.55, 1.0], torch.float32), ([0.2, 0.2, 0.9], torch.float32),
+                             ([0.5], torch.float64)):  # fmt: skip
+        batch = len(strengths)
+        cases.append(
+            {
+                "images": (torch.rand(batch, 1, 4, 4, generator=generator) * 2 - 1).to(dtype),
+                "strengths": torch.tensor(strengths),
+                "alpha_bar": alpha_bar,
+                "noise": torch.randn(batch, 1, 4, 4, generator=generator).to(dtype),
+                "label": f"strengths {strengths}" + (", float64 images" if dtype == torch.float64 else ""),
+            }
+        )
+    return cases
+
+
+def _cases_merge_known() -> list[dict]:
+    alpha_bar = make_schedule("cosine", 1000).alpha_bar
+    generator = seeded_generator(16)
+    left_half = torch.zeros(1, 1, 4, 4)
+    left_half[..., :2] = 1
+    settings = [
+        (torch.tensor([999, 500, 10, 0]), left_half, "4 images at steps 999, 500, 10, 0; keep the left half"),
+        (torch.tensor([300, 300, 700]), torch.rand(3, 1, 4, 4, generator=generator).round(), "3 images, a mask each"),
+        (None, left_half, "2 clean images (alpha_bar 1)"),
+    ]
+    cases = []
+    for steps, mask, label in settings:
+        alpha_bar_t = alpha_bar[steps] if steps is not None else torch.ones(2, dtype=torch.float64)
+        batch = len(alpha_bar_t)
+        cases.append(
+            {
+                "x_generated": torch.randn(batch, 1, 4, 4, generator=generator),
+                "images": torch.rand(batch, 1, 4, 4, generator=generator) * 2 - 1,
+                "mask": mask,
+                "alpha_bar_t": alpha_bar_t,
+                "noise": torch.randn(batch, 1, 4, 4, generator=generator),
+                "label": label,
+            }
+        )
+    return cases
+
+
+def _compare_edit_start(got, expected, case) -> None:
+    if not isinstance(got, tuple) or len(got) != 2:
+        raise Mismatch("return two things: (x_t, t)")
+    compare_tensors(got[1], expected[1], {"part": "t"})
+    compare_tensors(got[0], expected[0], case)
+
+
+def _start_rounding_down(images, strengths, alpha_bar, noise):
+    t = (strengths * (len(alpha_bar) - 1)).long()
+    a = _per_example(alpha_bar[t], images)
+    return a.sqrt() * images + (1 - a).sqrt() * noise, t
+
+
+def _start_from_T(images, strengths, alpha_bar, noise):
+    t = torch.round(strengths * len(alpha_bar)).long()
+    a = _per_example(alpha_bar[t], images)
+    return a.sqrt() * images + (1 - a).sqrt() * noise, t
+
+
+def _start_without_reshaping(images, strengths, alpha_bar, noise):
+    t = torch.round(strengths * (len(alpha_bar) - 1)).long()
+    return alpha_bar[t].sqrt() * images + (1 - alpha_bar[t]).sqrt() * noise, t
+
+
+def _start_without_square_roots(images, strengths, alpha_bar, noise):
+    t = torch.round(strengths * (len(alpha_bar) - 1)).long()
+    a = _per_example(alpha_bar[t], images)
+    return a * images + (1 - a) * noise, t
+
+
+def _merge_inverted(x_generated, images, mask, alpha_bar_t, noise):
+    return reference_merge_known(x_generated, images, 1 - mask, alpha_bar_t, noise)
+
+
+def _merge_clean(x_generated, images, mask, alpha_bar_t, noise):
+    return mask * images + (1 - mask) * x_generated
+
+
+def _merge_without_square_roots(x_generated, images, mask, alpha_bar_t, noise):
+    a = _per_example(alpha_bar_t, images)
+    return mask * (a * images + (1 - a) * noise) + (1 - mask) * x_generated
+
+
+def _merge_without_reshaping(x_generated, images, mask, alpha_bar_t, noise):
+    known = alpha_bar_t.sqrt() * images + (1 - alpha_bar_t).sqrt() * noise
+    return mask * known + (1 - mask) * x_generated
+
+
 register(
     Question(
         "08.q1",
@@ -376,9 +713,20 @@ register(
         "edit_start",
         reference_edit_start,
         _cases_edit_start,
-        lambda f, c: f(c["images"], c["strength"], c["alpha_bar"], c["noise"]),
-        "t = round(strength * (len(alpha_bar) - 1)); "
-        "x_t = sqrt(alpha_bar[t]) * images + sqrt(1 - alpha_bar[t]) * noise; return (x_t, t)",
+        lambda f, c: f(c["images"], c["strengths"], c["alpha_bar"], c["noise"]),
+        "each image has its own strength, so its own step: round to the nearest step, and let each image's "
+        "alpha_bar scale that image only",
+        "t = torch.round(strengths * (len(alpha_bar) - 1)).long(); a = alpha_bar[t] cast to images' dtype, "
+        "reshaped to (B, 1, 1, 1); x_t = sqrt(a) images + sqrt(1 - a) noise; return (x_t, t)",
+        mistakes=[
+            Mistake("the step rounds to the nearest one (torch.round), .long() alone rounds down",
+                    _start_rounding_down),
+            Mistake("strength 1 is the last step, T - 1: scale by len(alpha_bar) - 1", _start_from_T),
+            Mistake("alpha_bar[t] holds one number per image: reshape it to (B, 1, 1, 1), or it scales columns "
+                    "of pixels instead of whole images", _start_without_reshaping),
+            Mistake("alpha_bar is a variance: the image and the noise are scaled by square roots",
+                    _start_without_square_roots),
+        ],
         forbidden={"edit", "add_noise", "edit_strength_to_timestep"},
         compare=_compare_edit_start,
     )
@@ -391,7 +739,25 @@ register(
         reference_merge_known,
         _cases_merge_known,
         lambda f, c: f(c["x_generated"], c["images"], c["mask"], c["alpha_bar_t"], c["noise"]),
-        "known = sqrt(alpha_bar_t) * images + sqrt(1 - alpha_bar_t) * noise; mask * known + (1 - mask) * x_generated",
+        "the kept pixels must carry the same amount of noise as the generated ones, image by image",
+        "a = alpha_bar_t cast to images' dtype and reshaped to (B, 1, 1, 1); known = sqrt(a) images + "
+        "sqrt(1 - a) noise; return mask * known + (1 - mask) * x_generated",
+        mistakes=[
+            Mistake("the mask is 1 where a pixel is kept: keep the known pixels there", _merge_inverted),
+            Mistake("the kept pixels must be noised to the generated ones' step first", _merge_clean),
+            Mistake("alpha_bar is a variance: the image and the noise are scaled by square roots",
+                    _merge_without_square_roots),
+            Mistake("alpha_bar_t holds one number per image: cast it to the images' dtype and reshape it to "
+                    "(B, 1, 1, 1)", _merge_without_reshaping),
+        ],
         forbidden={"inpaint", "inpaint_steps", "add_noise"},
+    )
+)
+register(
+    Written(
+        "08.q3",
+        2,
+        "An edit of strength 0.2 and one of strength 0.8 start from the same photo. Which keeps more of it, "
+        "which gives the model more freedom, and why?",
     )
 )
