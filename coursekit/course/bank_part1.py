@@ -159,9 +159,13 @@ register(
         "beta[t] = 1 - alpha_bar[t] / alpha_bar[t-1], with alpha_bar[-1] taken as 1 (so beta[0] = 1 - alpha_bar[0]); "
         "same shape and dtype as alpha_bar",
         mistakes=[
-            Mistake("beta_0 is missing: before step 0 the product is 1, so beta_0 = 1 - alpha_bar_0", _betas_without_step_0),
+            Mistake(
+                "beta_0 is missing: before step 0 the product is 1, so beta_0 = 1 - alpha_bar_0", _betas_without_step_0
+            ),
             Mistake("torch.roll wraps around: step 0 was divided by the last alpha_bar instead of 1", _betas_rolled),
-            Mistake("differences of alpha_bar are not betas: one step multiplies, so use a ratio", _betas_as_differences),
+            Mistake(
+                "differences of alpha_bar are not betas: one step multiplies, so use a ratio", _betas_as_differences
+            ),
             Mistake("the ratio is upside down: alpha_t is alpha_bar_t over alpha_bar_(t-1)", _betas_ratio_upside_down),
         ],
         forbidden={"NoiseSchedule", "make_schedule"},
@@ -180,14 +184,25 @@ register(
         "ratio = alpha_bar[t] / alpha_bar[s], reshaped to (B, 1, ..., 1) and cast to x_s's dtype; "
         "x_t = sqrt(ratio) * x_s + sqrt(1 - ratio) * noise",
         mistakes=[
-            Mistake("this jumps from the clean image: x_s is already noised to step s, so scale by "
-                    "alpha_bar_t / alpha_bar_s, not alpha_bar_t", _further_from_x0),
-            Mistake("alpha_bar ratios are variances: x_s and the noise are multiplied by their square roots",
-                    _further_without_square_roots),
-            Mistake("too much fresh noise: x_s already has some, so the new noise adds only the variance "
-                    "1 - alpha_bar_t / alpha_bar_s", _further_with_all_the_noise),
-            Mistake("view(-1, 1, 1, 1) fits images only: reshape to (B, 1, ..., 1) with as many 1s as x_s has "
-                    "dimensions after the batch", _further_for_images_only),
+            Mistake(
+                "this jumps from the clean image: x_s is already noised to step s, so scale by "
+                "alpha_bar_t / alpha_bar_s, not alpha_bar_t",
+                _further_from_x0,
+            ),
+            Mistake(
+                "alpha_bar ratios are variances: x_s and the noise are multiplied by their square roots",
+                _further_without_square_roots,
+            ),
+            Mistake(
+                "too much fresh noise: x_s already has some, so the new noise adds only the variance "
+                "1 - alpha_bar_t / alpha_bar_s",
+                _further_with_all_the_noise,
+            ),
+            Mistake(
+                "view(-1, 1, 1, 1) fits images only: reshape to (B, 1, ..., 1) with as many 1s as x_s has "
+                "dimensions after the batch",
+                _further_for_images_only,
+            ),
             Mistake("alpha_bar is float64: cast the ratio to x_s's dtype, so the result keeps it", _further_in_float64),
         ],
         forbidden={"add_noise"},
@@ -205,8 +220,10 @@ register(
         "SNR = alpha_bar / (1 - alpha_bar), element by element",
         mistakes=[
             Mistake("the noise's variance is 1 - alpha_bar, not 1 + alpha_bar", lambda a: a / (1 + a)),
-            Mistake("that is the ratio of standard deviations; the SNR compares variances (no square root)",
-                    lambda a: (a / (1 - a)).sqrt()),
+            Mistake(
+                "that is the ratio of standard deviations; the SNR compares variances (no square root)",
+                lambda a: (a / (1 - a)).sqrt(),
+            ),
             Mistake("upside down: signal over noise, not noise over signal", lambda a: (1 - a) / a),
         ],
     )
@@ -387,8 +404,10 @@ register(
         "frequencies w_k = exp(-ln(10000) * k / (dim/2)) for k = 0..dim/2-1; angles = t.float()[..., None] * w; "
         "torch.cat([sin(angles), cos(angles)], dim=-1)",
         mistakes=[
-            Mistake("t can have any shape: add the frequency axis at the end (t[..., None]), not after the first "
-                    "dimension", _embedding_for_first_axis_only),
+            Mistake(
+                "t can have any shape: add the frequency axis at the end (t[..., None]), not after the first dimension",
+                _embedding_for_first_axis_only,
+            ),
             Mistake("the exponent divides k by dim/2 (the number of frequencies), not by dim", _embedding_over_dim),
             Mistake("sines come first, then cosines", _embedding_cosines_first),
             Mistake("the halves are not interleaved: all the sines, then all the cosines", _embedding_interleaved),
@@ -410,13 +429,18 @@ register(
         "channel; h = conv1(SiLU(norm1(x))); h = norm2(h) * (1 + scale) + shift; "
         "h = conv2(dropout(SiLU(h))); return h + skip(x)",
         mistakes=[
-            Mistake("multiply by (1 + scale), so that a time_proj output of zero leaves the features as they are",
-                    _BlockWithoutOne),
+            Mistake(
+                "multiply by (1 + scale), so that a time_proj output of zero leaves the features as they are",
+                _BlockWithoutOne,
+            ),
             Mistake("the first half of time_proj's output is the scale, the second half the shift", _BlockShiftFirst),
             Mistake("scale and shift act right after norm2, before the SiLU", _BlockScaledAfterSiLU),
             Mistake("the skip path is missing: return h + skip(x)", _BlockWithoutSkip),
-            Mistake("this is notebook 02's layout: here time_proj gives 2 * out_channels numbers, a scale and a "
-                    "shift per channel", _AdditiveBlock),
+            Mistake(
+                "this is notebook 02's layout: here time_proj gives 2 * out_channels numbers, a scale and a "
+                "shift per channel",
+                _AdditiveBlock,
+            ),
         ],
         forbidden={"ResidualBlock", "UNet"},
     )
@@ -629,13 +653,20 @@ register(
         "a = alpha_bar[t] cast to x0's dtype and reshaped to (B, 1, 1, 1); x_t = sqrt(a) x0 + sqrt(1 - a) noise; "
         "v = sqrt(a) noise - sqrt(1 - a) x0; F.mse_loss(model(x_t, t), v)",
         mistakes=[
-            Mistake("your target is the noise itself (notebook 03's loss); this model predicts v, which mixes the "
-                    "noise and x0", _loss_on_noise),
+            Mistake(
+                "your target is the noise itself (notebook 03's loss); this model predicts v, which mixes the "
+                "noise and x0",
+                _loss_on_noise,
+            ),
             Mistake("your v has the opposite sign: the noise term is the positive one", _loss_with_v_reversed),
-            Mistake("the coefficients in v are swapped: the noise is weighted by sqrt(alpha_bar), x0 by "
-                    "sqrt(1 - alpha_bar)", _loss_with_v_coefficients_swapped),
-            Mistake("alpha_bar is float64 and x0 float32: cast alpha_bar[t] to x0's dtype before mixing",
-                    _loss_in_float64),
+            Mistake(
+                "the coefficients in v are swapped: the noise is weighted by sqrt(alpha_bar), x0 by "
+                "sqrt(1 - alpha_bar)",
+                _loss_with_v_coefficients_swapped,
+            ),
+            Mistake(
+                "alpha_bar is float64 and x0 float32: cast alpha_bar[t] to x0's dtype before mixing", _loss_in_float64
+            ),
             Mistake("the loss is the mean over every number (F.mse_loss's default), not the sum", _loss_summed),
         ],
         forbidden={"noise_prediction_loss", "add_noise", "diffusion_loss"},
@@ -655,12 +686,19 @@ register(
         "loss = v_prediction_loss(...) / micro_batches; loss.backward(); then optimizer.step() once; "
         "return the sum of the scaled losses as a Python float",
         mistakes=[
-            Mistake("gradients left over from before were added to yours: clear them first (optimizer.zero_grad())",
-                    _step_without_zero_grad),
-            Mistake("the gradients were cleared inside the loop, so only the last micro-batch counted",
-                    _step_clearing_inside_the_loop),
-            Mistake("divide each micro-batch's loss by micro_batches, so that the summed gradients are the whole "
-                    "batch's mean", _step_without_dividing),
+            Mistake(
+                "gradients left over from before were added to yours: clear them first (optimizer.zero_grad())",
+                _step_without_zero_grad,
+            ),
+            Mistake(
+                "the gradients were cleared inside the loop, so only the last micro-batch counted",
+                _step_clearing_inside_the_loop,
+            ),
+            Mistake(
+                "divide each micro-batch's loss by micro_batches, so that the summed gradients are the whole "
+                "batch's mean",
+                _step_without_dividing,
+            ),
             Mistake("one optimizer step per call, after all the micro-batches", _step_inside_the_loop),
             Mistake("return the loss as a Python float (loss.item()), not a tensor", _step_returning_a_tensor),
         ],
@@ -864,15 +902,23 @@ register(
         "alpha_t; mean = sqrt(alpha_bar_prev) beta_t / (1 - alpha_bar_t) * x0_pred + sqrt(alpha_t) (1 - "
         "alpha_bar_prev) / (1 - alpha_bar_t) * x_t; return mean + sqrt(beta_tilde_t) * z, just mean at t = 0",
         mistakes=[
-            Mistake("at t = 0 there is no step before: alpha_bar[t - 1] is alpha_bar[-1], the last entry; use 1",
-                    _step_wrapping_at_zero),
-            Mistake("your noise scale is sqrt(beta_t); this step uses the posterior's, sqrt(beta_tilde_t)",
-                    _step_with_sqrt_beta),
-            Mistake("z is multiplied by a standard deviation, sqrt(beta_tilde_t), not by the variance beta_tilde_t",
-                    _step_with_the_variance),
+            Mistake(
+                "at t = 0 there is no step before: alpha_bar[t - 1] is alpha_bar[-1], the last entry; use 1",
+                _step_wrapping_at_zero,
+            ),
+            Mistake(
+                "your noise scale is sqrt(beta_t); this step uses the posterior's, sqrt(beta_tilde_t)",
+                _step_with_sqrt_beta,
+            ),
+            Mistake(
+                "z is multiplied by a standard deviation, sqrt(beta_tilde_t), not by the variance beta_tilde_t",
+                _step_with_the_variance,
+            ),
             Mistake("the coefficients of x0_pred and x_t are swapped", _step_with_coefficients_swapped),
-            Mistake("that is the step for a noise prediction (notebook 04's); this model guesses the clean image",
-                    _step_treating_x0_as_noise),
+            Mistake(
+                "that is the step for a noise prediction (notebook 04's); this model guesses the clean image",
+                _step_treating_x0_as_noise,
+            ),
         ],
         forbidden={"ddpm_steps", "ddpm_sample", "posterior_mean_variance", "predict_x0"},
     )
@@ -890,17 +936,24 @@ register(
         "generator=generator, dtype=x.dtype) if t > 0 else zeros; x = reverse_step_from_x0(x, t, x0_pred, "
         "alpha_bar, z)",
         mistakes=[
-            Mistake("your loop stops before t = 0: the last step, from t = 0 to the clean image, is missing",
-                    _sample_with(reference_reverse_step_from_x0, last_t=1)),
-            Mistake("the steps run from T-1 down: alpha_bar has no entry T",
-                    _sample_with(reference_reverse_step_from_x0, first_t_offset=0)),
-            Mistake("the model expects t as a tensor of shape (B,): torch.full((B,), t)",
-                    _sample_with(reference_reverse_step_from_x0, int_t=True)),
-            Mistake("the model guesses the clean image here, not the noise",
-                    _sample_with(_step_treating_x0_as_noise)),
-            Mistake("draw z with the generator you are given, so that the samples can be reproduced",
-                    _sample_with(reference_reverse_step_from_x0, generator_too=False),
-                    caught_by="drawn with the same random numbers"),
+            Mistake(
+                "your loop stops before t = 0: the last step, from t = 0 to the clean image, is missing",
+                _sample_with(reference_reverse_step_from_x0, last_t=1),
+            ),
+            Mistake(
+                "the steps run from T-1 down: alpha_bar has no entry T",
+                _sample_with(reference_reverse_step_from_x0, first_t_offset=0),
+            ),
+            Mistake(
+                "the model expects t as a tensor of shape (B,): torch.full((B,), t)",
+                _sample_with(reference_reverse_step_from_x0, int_t=True),
+            ),
+            Mistake("the model guesses the clean image here, not the noise", _sample_with(_step_treating_x0_as_noise)),
+            Mistake(
+                "draw z with the generator you are given, so that the samples can be reproduced",
+                _sample_with(reference_reverse_step_from_x0, generator_too=False),
+                caught_by="drawn with the same random numbers",
+            ),
         ],
         forbidden={"ddpm_steps", "ddpm_sample", "ddim_sample", "posterior_mean_variance"},
         compare=_compare_samples,

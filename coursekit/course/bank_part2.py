@@ -108,8 +108,13 @@ def _cases_ddim_step() -> list[dict]:
     alpha_bar = make_schedule("cosine", 1000).alpha_bar.tolist()
     generator = seeded_generator(8)
     cases = []
-    for t, following, eta, batch, dtype in ((999, 949, 0.0, 3, torch.float32), (500, 400, 1.0, 3, torch.float32),
-                                            (20, None, 0.5, 3, torch.float32), (700, 0, 0.3, 1, torch.float64)):  # fmt: skip
+    settings = [
+        (999, 949, 0.0, 3, torch.float32),
+        (500, 400, 1.0, 3, torch.float32),
+        (20, None, 0.5, 3, torch.float32),
+        (700, 0, 0.3, 1, torch.float64),
+    ]
+    for t, following, eta, batch, dtype in settings:
         cases.append(
             {
                 "x_t": torch.randn(batch, 1, 4, 4, generator=generator, dtype=dtype),
@@ -163,10 +168,14 @@ register(
         "sqrt(1 - a_t / a_next); return sqrt(a_next) x0_pred + sqrt(1 - a_next - sigma^2) eps + sigma z",
         mistakes=[
             Mistake("eta > 0 adds fresh noise, sigma * z: your step leaves it out", _ddim_without_noise),
-            Mistake("with sigma > 0 the eps term's variance shrinks to 1 - alpha_bar_next - sigma^2",
-                    _ddim_keeping_the_full_direction),
-            Mistake("sigma has two square-root factors: the factor sqrt(1 - alpha_bar_t / alpha_bar_next) is missing",
-                    _ddim_sigma_with_one_factor),
+            Mistake(
+                "with sigma > 0 the eps term's variance shrinks to 1 - alpha_bar_next - sigma^2",
+                _ddim_keeping_the_full_direction,
+            ),
+            Mistake(
+                "sigma has two square-root factors: the factor sqrt(1 - alpha_bar_t / alpha_bar_next) is missing",
+                _ddim_sigma_with_one_factor,
+            ),
             Mistake("eta scales sigma itself (a standard deviation), not sigma squared", _ddim_eta_on_the_variance),
             Mistake("the square root in x0_pred: subtract sqrt(1 - alpha_bar_t) * eps", _ddim_square_root_misplaced),
         ],
@@ -195,13 +204,23 @@ register(
         "lambda_previous) / h; x_next = (alpha_next / alpha_t) x_t - sigma_next (e^h - 1) D; on the last step "
         "(alpha_bar_next == 1) return (x_t - sigma_t eps) / alpha_t",
         mistakes=[
-            Mistake("those are the data-prediction (++) coefficients of notebook 05; with a noise guess, x_t is "
-                    "scaled by alpha_next / alpha_t", _solver_step_with(data_form=True)),
-            Mistake("the noise form grows with e^h - 1 (math.expm1(h)); e^-h - 1 belongs to the data form",
-                    _solver_step_with(minus_h=True)),
-            Mistake("lambda is log(alpha / sigma), half the log of the SNR", _solver_step_with(lam=lambda a: math.log(a / (1 - a)))),
-            Mistake("r is upside down: the previous step's lambda gap over this step's h",
-                    _solver_step_with(r_inverted=True)),
+            Mistake(
+                "those are the data-prediction (++) coefficients of notebook 05; with a noise guess, x_t is "
+                "scaled by alpha_next / alpha_t",
+                _solver_step_with(data_form=True),
+            ),
+            Mistake(
+                "the noise form grows with e^h - 1 (math.expm1(h)); e^-h - 1 belongs to the data form",
+                _solver_step_with(minus_h=True),
+            ),
+            Mistake(
+                "lambda is log(alpha / sigma), half the log of the SNR",
+                _solver_step_with(lam=lambda a: math.log(a / (1 - a))),
+            ),
+            Mistake(
+                "r is upside down: the previous step's lambda gap over this step's h",
+                _solver_step_with(r_inverted=True),
+            ),
         ],
         forbidden={"dpm_solver_steps", "dpm_solver_sample", "predict_x0"},
     )
@@ -351,13 +370,18 @@ register(
         "drop = torch.rand(conditions.shape[0], generator=generator) < probability; reshape drop to (B, 1, ..., 1); "
         "return torch.where(drop, torch.zeros_like(conditions), conditions)",
         mistakes=[
-            Mistake("draw one number per example (conditions.shape[0] of them), so that a dropped example loses "
-                    "its whole condition", _drop_each_number),
+            Mistake(
+                "draw one number per example (conditions.shape[0] of them), so that a dropped example loses "
+                "its whole condition",
+                _drop_each_number,
+            ),
             Mistake("changed its input `conditions` in place", _drop_in_place),
-            Mistake("you drop where the draw is above probability, which drops 1 - probability of them",
-                    _drop_above),
-            Mistake("the draws have one entry per example: reshape them to (B, 1, ..., 1) so that each covers its "
-                    "example's whole condition", _drop_without_reshaping),
+            Mistake("you drop where the draw is above probability, which drops 1 - probability of them", _drop_above),
+            Mistake(
+                "the draws have one entry per example: reshape them to (B, 1, ..., 1) so that each covers its "
+                "example's whole condition",
+                _drop_without_reshaping,
+            ),
         ],
         forbidden={"drop_labels", "diffusion_loss"},
     )
@@ -375,10 +399,14 @@ register(
         "eps_u = model(x_t, t, class_labels=torch.full_like(labels_a, null_label)); eps_a, eps_b with labels_a "
         "and labels_b; return eps_u + scale_a (eps_a - eps_u) + scale_b (eps_b - eps_u)",
         mistakes=[
-            Mistake("the guidance starts from the unconditional guess, not from the first condition's",
-                    _composed_from(base="conditional")),
-            Mistake("each direction is measured from the unconditional guess: eps_b - eps_u, not eps_b - eps_a",
-                    _composed_from(b_from="conditional")),
+            Mistake(
+                "the guidance starts from the unconditional guess, not from the first condition's",
+                _composed_from(base="conditional"),
+            ),
+            Mistake(
+                "each direction is measured from the unconditional guess: eps_b - eps_u, not eps_b - eps_a",
+                _composed_from(b_from="conditional"),
+            ),
             Mistake("each direction has its own scale", _composed_from(one_scale=True)),
             Mistake("changed its input `labels_a` in place", _composed_from(in_place=True)),
         ],
@@ -536,8 +564,10 @@ register(
         mistakes=[
             Mistake("the noise is multiplied by latent_noise before it is added", _loss_with_unscaled_noise),
             Mistake("the noise goes on the codes, after encoding, not on the images", _loss_noising_the_images),
-            Mistake("latent_noise is the noise's standard deviation: multiply by it, do not square it",
-                    _loss_with_squared_noise),
+            Mistake(
+                "latent_noise is the noise's standard deviation: multiply by it, do not square it",
+                _loss_with_squared_noise,
+            ),
             Mistake("the loss is the mean over every number (F.mse_loss's default), not the sum", _loss_summed),
         ],
         forbidden={"autoencoder_loss"},
@@ -554,8 +584,11 @@ register(
         "one number for the whole tensor, and the standard deviation the question names (torch's default)",
         "scale = 1 / latents.std().item() (a Python float); return (latents * scale, scale)",
         mistakes=[
-            Mistake("that is the population standard deviation (dividing by n); the question asks for torch's "
-                    "default, the sample standard deviation (dividing by n - 1)", _scale_with_population_std),
+            Mistake(
+                "that is the population standard deviation (dividing by n); the question asks for torch's "
+                "default, the sample standard deviation (dividing by n - 1)",
+                _scale_with_population_std,
+            ),
             Mistake("one scale for the whole tensor, not one per channel", _scale_per_channel),
             Mistake("the scale is one over the standard deviation", _scale_by_the_std),
             Mistake("return the scale as a Python float (.item()), not a tensor", _scale_as_a_tensor),
@@ -575,14 +608,22 @@ register(
         "undo what scale_latents did before decoding, and clamp what comes out",
         "autoencoder.decode(latents / scale).clamp(-1, 1)",
         mistakes=[
-            Mistake("undo the scaling by dividing by scale, not multiplying",
-                    lambda autoencoder, latents, scale: autoencoder.decode(latents * scale).clamp(-1, 1)),
-            Mistake("the codes must be unscaled before decoding",
-                    lambda autoencoder, latents, scale: autoencoder.decode(latents).clamp(-1, 1)),
-            Mistake("clamp the decoded images, not the codes",
-                    lambda autoencoder, latents, scale: autoencoder.decode((latents / scale).clamp(-1, 1))),
-            Mistake("clamp the images to [-1, 1] at the end",
-                    lambda autoencoder, latents, scale: autoencoder.decode(latents / scale).clamp(0, 1)),
+            Mistake(
+                "undo the scaling by dividing by scale, not multiplying",
+                lambda autoencoder, latents, scale: autoencoder.decode(latents * scale).clamp(-1, 1),
+            ),
+            Mistake(
+                "the codes must be unscaled before decoding",
+                lambda autoencoder, latents, scale: autoencoder.decode(latents).clamp(-1, 1),
+            ),
+            Mistake(
+                "clamp the decoded images, not the codes",
+                lambda autoencoder, latents, scale: autoencoder.decode((latents / scale).clamp(-1, 1)),
+            ),
+            Mistake(
+                "clamp the images to [-1, 1] at the end",
+                lambda autoencoder, latents, scale: autoencoder.decode(latents / scale).clamp(0, 1),
+            ),
         ],
         forbidden={"decode_latents"},
     )
@@ -719,13 +760,19 @@ register(
         "t = torch.round(strengths * (len(alpha_bar) - 1)).long(); a = alpha_bar[t] cast to images' dtype, "
         "reshaped to (B, 1, 1, 1); x_t = sqrt(a) images + sqrt(1 - a) noise; return (x_t, t)",
         mistakes=[
-            Mistake("the step rounds to the nearest one (torch.round), .long() alone rounds down",
-                    _start_rounding_down),
+            Mistake(
+                "the step rounds to the nearest one (torch.round), .long() alone rounds down", _start_rounding_down
+            ),
             Mistake("strength 1 is the last step, T - 1: scale by len(alpha_bar) - 1", _start_from_T),
-            Mistake("alpha_bar[t] holds one number per image: reshape it to (B, 1, 1, 1), or it scales columns "
-                    "of pixels instead of whole images", _start_without_reshaping),
-            Mistake("alpha_bar is a variance: the image and the noise are scaled by square roots",
-                    _start_without_square_roots),
+            Mistake(
+                "alpha_bar[t] holds one number per image: reshape it to (B, 1, 1, 1), or it scales columns "
+                "of pixels instead of whole images",
+                _start_without_reshaping,
+            ),
+            Mistake(
+                "alpha_bar is a variance: the image and the noise are scaled by square roots",
+                _start_without_square_roots,
+            ),
         ],
         forbidden={"edit", "add_noise", "edit_strength_to_timestep"},
         compare=_compare_edit_start,
@@ -745,10 +792,14 @@ register(
         mistakes=[
             Mistake("the mask is 1 where a pixel is kept: keep the known pixels there", _merge_inverted),
             Mistake("the kept pixels must be noised to the generated ones' step first", _merge_clean),
-            Mistake("alpha_bar is a variance: the image and the noise are scaled by square roots",
-                    _merge_without_square_roots),
-            Mistake("alpha_bar_t holds one number per image: cast it to the images' dtype and reshape it to "
-                    "(B, 1, 1, 1)", _merge_without_reshaping),
+            Mistake(
+                "alpha_bar is a variance: the image and the noise are scaled by square roots",
+                _merge_without_square_roots,
+            ),
+            Mistake(
+                "alpha_bar_t holds one number per image: cast it to the images' dtype and reshape it to (B, 1, 1, 1)",
+                _merge_without_reshaping,
+            ),
         ],
         forbidden={"inpaint", "inpaint_steps", "add_noise"},
     )
