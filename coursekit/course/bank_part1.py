@@ -232,8 +232,9 @@ register(
     Written(
         "01.q4",
         2,
-        "In the picture of noised digits, at which step can you no longer make out the digit? Which of the "
-        "curves plotted above (alpha_bar, or the SNR) tells you so, and at what value?",
+        "In the two rows of noised digits, from which step on can you no longer make out the digit, with each "
+        "schedule? Read the SNR at that step off the plot: roughly what value is it, and why does the cosine "
+        "schedule keep the digit longer?",
     )
 )
 
