@@ -296,3 +296,30 @@ def test_checks_leave_the_learners_random_state_alone():
         run_check(question_id, {})  # building the cases seeds stand-in models
         QUESTIONS[question_id].cases()
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_every_exercise_has_a_written_answer_and_states_its_points():
+    from coursekit.checks import written_for
+    from coursekit.course.authoring import MARKDOWN_PLACEHOLDER
+
+    for folder in ("solutions", "exercises"):
+        for path in sorted((ROOT / folder).glob("*.ipynb")):
+            notebook = json.loads(path.read_text())
+            number, cells = path.name[:2], notebook["cells"]
+            markdown = " ".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "markdown")
+            automatic, written = _questions_of(number), written_for(number)
+            assert written, f"{path.name}: at least one written answer, graded by hand"
+            total = sum(question.points for question in automatic + written)
+            assert f"**{total} points**" in markdown, f"{path.name}: the points stated are not {total}"
+            for question in automatic:
+                assert f"Question {question.id[-1]} ({question.points} points)" in markdown, question.id
+            for question in written:
+                tagged = [cell for cell in cells if question.tag in cell["metadata"].get("tags", [])]
+                assert len(tagged) == 1 and tagged[0]["cell_type"] == "markdown", (path.name, question.id)
+                assert question.prompt in markdown and "graded by hand" in markdown
+                if folder == "exercises":
+                    assert "".join(tagged[0]["source"]).strip() == MARKDOWN_PLACEHOLDER
+
+
+def _questions_of(number):
+    return [question for question in QUESTIONS.values() if question.id.startswith(number + ".")]

@@ -14,9 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from coursekit.course.gradebook import Journal, grade, grader_fingerprint, write_lms_gradebook
+from coursekit.course.engine import WRITTEN, Result
+from coursekit.course.gradebook import (
+    Journal,
+    grade,
+    grader_fingerprint,
+    row_from_dict,
+    row_to_dict,
+    write_gradebook,
+    write_lms_gradebook,
+    write_written_answers,
+)
 from coursekit.course.gradescope import results_json, validate_results, write_bundle
-from coursekit.course.runner import GradeRow
+from coursekit.course.runner import GradeRow, read_written_answers
 from coursekit.course.sandbox import Limits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,8 +110,8 @@ def test_lms_gradebook_one_row_per_student_one_column_per_exercise(tmp_path):
     write_lms_gradebook(rows, tmp_path / "lms.csv", "SIS Login ID", messages.append)
     with (tmp_path / "lms.csv").open() as file:
         table = list(csv.DictReader(file))
-    assert list(table[0]) == ["Student", "SIS Login ID", "Exercise 01 (7 points)", "Exercise 02 (5 points)"]
-    assert [(r["SIS Login ID"], r["Exercise 01 (7 points)"], r["Exercise 02 (5 points)"]) for r in table] == [
+    assert list(table[0]) == ["Student", "SIS Login ID", "Exercise 01 (9 points)", "Exercise 02 (7 points)"]
+    assert [(r["SIS Login ID"], r["Exercise 01 (9 points)"], r["Exercise 02 (7 points)"]) for r in table] == [
         ("s1", "7", "3"),
         ("s2", "5", ""),
     ]
@@ -170,3 +180,86 @@ def test_without_isolation_the_grader_still_grades_and_says_so(tmp_path):
     )
     assert messages[0].startswith("WARNING: grading without isolation")
     assert [row.total for row in rows] == [7, 5] and all(row.error == "" for row in rows), [r.error for r in rows]
+
+
+def _rows_as_a_new_run_builds_them() -> list[GradeRow]:
+    automatic = [
+        Result("01.q1", "passed", 2, 2, ""),
+        Result("01.q2", "passed", 3, 3, ""),
+        Result("01.q3", "passed", 2, 2, ""),
+    ]
+    return [
+        GradeRow(
+            "a.ipynb", "ann", exercise="01", results=automatic, sha256="aa", written={"01.q4": "Because SNR < 1."}
+        ),
+        GradeRow("b.ipynb", "bob", exercise="01", results=automatic, sha256="bb", written={"01.q4": ""}),
+    ]
+
+
+def _table(path: Path, key: str = "student") -> dict[str, dict]:
+    with path.open() as file:
+        return {record[key]: record for record in csv.DictReader(file)}
+
+
+def _type_mark(path: Path, student: str, question: str, mark: str) -> None:
+    with path.open() as file:
+        records = list(csv.DictReader(file))
+    for record in records:
+        if record["student"] == student:
+            record[question] = mark
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def test_written_answers_wait_for_the_teacher_and_the_marks_typed_in_are_kept(tmp_path):
+    out = tmp_path / "grades.csv"
+    write_gradebook(_rows_as_a_new_run_builds_them(), out)
+    table = _table(out)
+    assert table["ann"]["01.q4"] == "" and table["ann"]["to_grade_by_hand"] == "01.q4 (2 points)"
+    assert (table["ann"]["total"], table["ann"]["max"]) == ("7", "9")
+    assert table["bob"]["01.q4"] == "0" and table["bob"]["to_grade_by_hand"] == ""  # nothing written: 0, no wait
+
+    _type_mark(out, "ann", "01.q4", "1.5")  # the teacher marks it, then grades again (new rows, same files)
+    rows = _rows_as_a_new_run_builds_them()
+    write_gradebook(rows, out)
+    table = _table(out)
+    assert (table["ann"]["01.q4"], table["ann"]["total"], table["ann"]["to_grade_by_hand"]) == ("1.5", "8.5", "")
+    messages = []
+    write_lms_gradebook(
+        [GradeRow(**{**vars(rows[0]), "student_id": "s1"})], tmp_path / "lms.csv", announce=messages.append
+    )
+    assert _table(tmp_path / "lms.csv", "Student")["ann"]["Exercise 01 (9 points)"] == "8.5" and messages == []
+
+    _type_mark(out, "ann", "01.q4", "3")  # more than the question is worth: kept as typed, not counted, said
+    write_gradebook(_rows_as_a_new_run_builds_them(), out)
+    table = _table(out)
+    assert (table["ann"]["01.q4"], table["ann"]["total"]) == ("3", "7")
+    assert "'3' is not a mark from 0 to 2" in table["ann"]["to_grade_by_hand"]
+
+    changed = _rows_as_a_new_run_builds_them()
+    changed[0].sha256 = "cc"  # a new version of the submission: its answer has not been read yet
+    write_gradebook(changed, out)
+    assert _table(out)["ann"]["01.q4"] == "" and _table(out)["ann"]["to_grade_by_hand"] == "01.q4 (2 points)"
+    messages = []
+    write_lms_gradebook(
+        [GradeRow(**{**vars(changed[0]), "student_id": "s1"})], tmp_path / "lms.csv", announce=messages.append
+    )
+    assert any("still to grade by hand" in message for message in messages)
+
+    answers = write_written_answers(changed, tmp_path / "grades.written.md").read_text()
+    assert WRITTEN["01.q4"].prompt in answers and "Because SNR < 1." in answers and "no answer: 0 points" in answers
+    assert row_from_dict(json.loads(json.dumps(row_to_dict(changed[0])))).written == changed[0].written
+
+
+def test_written_answers_are_read_from_their_tagged_cell_or_after_their_heading():
+    exercise = json.loads((Path(__file__).resolve().parents[1] / "exercises" / "01_forward_process.ipynb").read_text())
+    assert read_written_answers(exercise, "01") == {"01.q4": ""}  # as handed out: the placeholder only
+    for cell in exercise["cells"]:
+        if "answer:01.q4" in cell["metadata"].get("tags", []):
+            cell["source"] = ["The digit fades where the SNR falls below 1."]
+            answered = json.loads(json.dumps(exercise))
+            del cell["metadata"]["tags"]  # an editor that drops tags
+    assert read_written_answers(answered, "01") == {"01.q4": "The digit fades where the SNR falls below 1."}
+    assert read_written_answers(exercise, "01") == {"01.q4": "The digit fades where the SNR falls below 1."}

@@ -180,7 +180,8 @@ def test_gradebook_and_feedback_files(graded):
     assert len(feedback) == len(graded["rows"])
     partial = next(p for p in feedback if p.name.startswith("01_partial"))
     text = partial.read_text()
-    assert "2 / 7 points" in text and "expected dtype" in text
+    assert "2 / 7 automatic points" in text and "expected dtype" in text
+    assert "01.q4 (written answer): to be graded by your teacher" in text
     journal = (graded["out"] / "grades.journal.jsonl").read_text().splitlines()
     assert len(journal) == len(graded["rows"]) and all(json.loads(line)["row"]["sha256"] for line in journal)
 
@@ -189,7 +190,7 @@ def test_grade_command_line(tmp_path, capsys):
     shutil.copy(ROOT / "solutions" / "01_forward_process.ipynb", tmp_path / "alice.ipynb")
     assert main(["grade", str(tmp_path / "alice.ipynb"), "--exercise", "01", "--out", str(tmp_path / "g.csv")]) == 0
     assert "graded 1 submissions" in capsys.readouterr().out
-    assert ",7,7," in (tmp_path / "g.csv").read_text()
+    assert ",7,9," in (tmp_path / "g.csv").read_text()
     assert find_submissions([tmp_path]) == [tmp_path / "alice.ipynb"]
 
 

@@ -186,8 +186,8 @@ def test_the_worker_refuses_files_and_imports_even_for_code_the_screen_never_saw
         chunks=[
             (
                 1,
-                "def alpha_bar_from_betas(betas):\n    return open('/etc/hostname').read()\n\n"
-                "def noisy_image(x0, t, alpha_bar, noise):\n    import os\n    return os.getpid()\n\n"
+                "def betas_from_alpha_bar(alpha_bar):\n    return open('/etc/hostname').read()\n\n"
+                "def noise_further(x_s, s, t, alpha_bar, noise):\n    import os\n    return os.getpid()\n\n"
                 "def signal_to_noise(alpha_bar):\n    from coursekit.course import engine\n    return engine\n",
             )
         ]

@@ -21,13 +21,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from coursekit.course.engine import Result, questions_for
+from coursekit.course.engine import WRITTEN, Result, questions_for, written_for
 from coursekit.course.runner import GradeRow, grade_submission, read_notebook
 from coursekit.course.sandbox import Limits, detect
 
 ID_SOURCES = ("folder", "filename", "metadata")
 COLUMNS_BEFORE = ["file", "student", "student_id", "exercise"]
-COLUMNS_AFTER = ["total", "max", "error", "needs_review", "sha256"]
+COLUMNS_AFTER = ["total", "max", "to_grade_by_hand", "error", "needs_review", "sha256"]
 
 
 def find_submissions(paths: list[str | Path]) -> list[Path]:
@@ -105,13 +105,15 @@ def row_to_dict(row: GradeRow) -> dict:
         "review": row.review,
         "seconds": round(row.seconds, 3),
         "sha256": row.sha256,
+        "written": row.written,
     }
 
 
 def row_from_dict(data: dict) -> GradeRow:
     results = [Result(**result) for result in data.get("results", [])]
     fields = {key: data[key] for key in ("file", "student", "student_id", "exercise", "error", "review", "sha256")}
-    return GradeRow(results=results, seconds=data.get("seconds", 0.0), **fields)
+    written = {str(key): str(value) for key, value in (data.get("written") or {}).items()}
+    return GradeRow(results=results, seconds=data.get("seconds", 0.0), written=written, **fields)
 
 
 class Journal:
@@ -225,6 +227,10 @@ def grade(
     bar.close()
     ordered = [rows[path] for path in submissions]
     write_gradebook(ordered, out)  # also when every row was kept, or a file left the folder
+    if any(row.written for row in ordered):
+        answers = write_written_answers(ordered, out.with_name(f"{out.stem}.written.md"))
+        announce(f"written answers to grade by hand, question by question: {answers}")
+        write_feedback(ordered, feedback_dir)  # with the teacher's marks, where there are some
     if lms:
         write_lms_gradebook(ordered, lms, id_column, announce)
     return ordered
@@ -261,28 +267,92 @@ def _atomic_write(path: Path, write) -> Path:
 def question_columns(rows: list[GradeRow]) -> list[str]:
     return sorted(
         {result.question for row in rows for result in row.results}
-        | {q.id for row in rows if row.exercise for q in questions_for(row.exercise)}
+        | {q.id for row in rows if row.exercise for q in questions_for(row.exercise) + written_for(row.exercise)}
     )
 
 
+def exercise_maximum(exercise: str) -> int:
+    """Every point of an exercise: the automatic ones and those for written answers."""
+    return sum(question.points for question in questions_for(exercise) + written_for(exercise))
+
+
+def read_hand_marks(path: str | Path) -> dict[tuple[str, str], dict[str, str]]:
+    """The marks a teacher typed into an earlier gradebook's written-answer columns, by (file, sha256)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    marks = {}
+    with path.open(newline="", errors="replace") as file:
+        for record in csv.DictReader(file):
+            typed = {
+                question_id: value.strip()
+                for question_id, value in record.items()
+                if question_id in WRITTEN and isinstance(value, str) and value.strip()
+            }
+            if typed and record.get("file") is not None:
+                marks[(record["file"], record.get("sha256") or "")] = typed
+    return marks
+
+
+def keep_hand_marks(rows: list[GradeRow], path: str | Path) -> None:
+    """Carry the teacher's marks over from the gradebook at ``path`` into the rows of the same files.
+
+    A mark stays with the submission it was given to: when the file changed since (another SHA-256),
+    or the answer is now empty, it is not carried over.
+    """
+    marks = read_hand_marks(path)
+    for row in rows:
+        typed = marks.get((row.file, row.sha256), {})
+        row.hand = {question_id: value for question_id, value in typed.items() if row.written.get(question_id)}
+
+
+def grand_total(row: GradeRow) -> float | int:
+    points = row.total + row.hand_marks()[0]
+    return int(points) if float(points).is_integer() else round(points, 2)
+
+
 def write_gradebook(rows: list[GradeRow], out: str | Path) -> Path:
-    """One row per submission, one column per question."""
+    """One row per submission, one column per question; the written answers' columns are the teacher's.
+
+    A written answer's cell stays blank until the teacher types a mark into it (0 when it was left
+    empty); marks typed into an earlier gradebook at ``out`` are kept, and counted in the total.
+    """
     question_ids = question_columns(rows)
+    keep_hand_marks(rows, out)
 
     def write(file) -> None:
         writer = csv.writer(file)
         writer.writerow([*COLUMNS_BEFORE, *question_ids, *COLUMNS_AFTER])
         for row in rows:
             points = {result.question: result.points for result in row.results}
-            maximum = row.maximum or (sum(q.points for q in questions_for(row.exercise)) if row.exercise else 0)
-            cells = [points.get(q, "" if not q.startswith(row.exercise + ".") else 0) for q in question_ids]
+            points.update({question_id: 0 for question_id, text in row.written.items() if not text})
+            points.update(row.hand)
+            cells = [points.get(q, "" if not q.startswith(row.exercise + ".") or q in row.written else 0)
+                     for q in question_ids]  # fmt: skip
+            maximum = exercise_maximum(row.exercise) if row.exercise else 0
+            pending = [f"{q} ({WRITTEN[q].points} points)" for q in row.pending] + row.hand_marks()[1]
             review = " | ".join(row.review)[:500]
             writer.writerow(
                 [row.file, row.student, row.student_id, row.exercise, *cells]
-                + [row.total, maximum, row.error, review, row.sha256]
+                + [grand_total(row), maximum, "; ".join(pending), row.error, review, row.sha256]
             )
 
     return _atomic_write(Path(out), write)
+
+
+def write_written_answers(rows: list[GradeRow], out: str | Path) -> Path:
+    """Every written answer, question by question, for a teacher to read side by side."""
+    lines = ["# Written answers", "", "Type each mark into its column of the gradebook; the next run keeps it.", ""]
+    for question_id in sorted({question_id for row in rows for question_id in row.written}):
+        question = WRITTEN[question_id]
+        lines += [f"## {question_id} ({question.points} points)", "", f"> {question.prompt}", ""]
+        for row in rows:
+            if question_id in row.written:
+                answer = row.written[question_id] or "*(no answer: 0 points)*"
+                mark = row.hand.get(question_id, "")
+                lines += [f"### {row.student} ({Path(row.file).name}){f': {mark}' if mark else ''}", "", answer, ""]
+    text = "\n".join(lines) + "\n"
+    return _atomic_write(Path(out), lambda file: file.write(text))
 
 
 def write_lms_gradebook(rows: list[GradeRow], out: str | Path, id_column: str = "SIS User ID", announce=print) -> Path:
@@ -299,9 +369,15 @@ def write_lms_gradebook(rows: list[GradeRow], out: str | Path, id_column: str = 
         if not row.student_id or not row.exercise:
             continue
         record = students.setdefault(row.student_id, {"Student": row.student})
-        record[exercise_column(row.exercise)] = max(row.total, record.get(exercise_column(row.exercise), 0))
+        record[exercise_column(row.exercise)] = max(grand_total(row), record.get(exercise_column(row.exercise), 0))
     if missing:
         announce(f"{len(missing)} submission(s) without a student ID left out of {out}: {', '.join(missing[:3])}")
+    waiting = [row for row in rows if row.pending]
+    if waiting:
+        announce(
+            f"{len(waiting)} submission(s) have written answers still to grade by hand: their totals in {out} leave "
+            "those out (type the marks into the gradebook and run the command again)"
+        )
 
     def write(file) -> None:
         writer = csv.writer(file)
@@ -314,8 +390,7 @@ def write_lms_gradebook(rows: list[GradeRow], out: str | Path, id_column: str = 
 
 
 def exercise_column(exercise: str) -> str:
-    maximum = sum(question.points for question in questions_for(exercise))
-    return f"Exercise {exercise} ({maximum} points)"
+    return f"Exercise {exercise} ({exercise_maximum(exercise)} points)"
 
 
 def feedback_name(row: GradeRow) -> str:
@@ -331,12 +406,21 @@ def write_feedback(rows: list[GradeRow], folder: str | Path) -> Path:
         lines = [
             f"# Feedback: {Path(row.file).name}",
             "",
-            f"Exercise {row.exercise or '?'}: **{row.total} / {row.maximum} points**",
+            f"Exercise {row.exercise or '?'}: **{row.total} / {row.maximum} automatic points**"
+            + (f", and {len(row.written)} written answer(s) graded by hand" if row.written else ""),
             "",
         ]
         if row.error:
             lines += [f"Problem: {row.error}", ""]
         lines += [f"- {result!r}" for result in row.results]
+        for question_id, text in row.written.items():
+            mark = row.hand.get(question_id, "")
+            state = (
+                f"{mark} / {WRITTEN[question_id].points} points, marked by your teacher"
+                if mark
+                else (f"to be graded by your teacher ({WRITTEN[question_id].points} points)" if text else "no answer")
+            )
+            lines.append(f"- ✍️ {question_id} (written answer): {state}")
         if row.review:
             lines += ["", "For your teacher to look at:", ""] + [f"- {item}" for item in row.review]
         text = "\n".join(lines) + "\n"

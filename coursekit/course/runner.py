@@ -28,8 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coursekit.course.authoring import pristine_cells
-from coursekit.course.engine import Question, Result, forbidden_names_used, questions_for, score
+from coursekit.course.authoring import MARKDOWN_PLACEHOLDER, pristine_cells
+from coursekit.course.engine import Question, Result, forbidden_names_used, questions_for, score, written_for
 from coursekit.course.sandbox import Limits, Sandbox, changed_files, release, snapshot
 from coursekit.course.screen import AnswerProgram, read_answers
 
@@ -51,14 +51,44 @@ class GradeRow:
     seconds: float = 0.0
     sha256: str = ""
     student_id: str = ""
+    written: dict[str, str] = field(default_factory=dict)  # written answers, graded by hand: id -> text
+    hand: dict[str, str] = field(default_factory=dict)  # the teacher's marks for them, as typed in the gradebook
 
     @property
     def total(self) -> int:
+        """The automatic points."""
         return sum(result.points for result in self.results)
 
     @property
     def maximum(self) -> int:
+        """The automatic points there were to get."""
         return sum(result.max_points for result in self.results)
+
+    def hand_marks(self) -> tuple[float, list[str]]:
+        """The teacher's valid marks added up, and what is wrong with the others."""
+        points, problems = 0.0, []
+        maxima = {question.id: question.points for question in written_for(self.exercise)} if self.exercise else {}
+        for question_id, text in self.hand.items():
+            if question_id not in maxima or not str(text).strip():
+                continue
+            try:
+                mark = float(text)
+            except ValueError:
+                mark = float("nan")
+            if 0 <= mark <= maxima[question_id]:
+                points += mark
+            else:
+                problems.append(f"{question_id}: {text!r} is not a mark from 0 to {maxima[question_id]}")
+        return points, problems
+
+    @property
+    def pending(self) -> list[str]:
+        """Written answers still waiting for the teacher's mark (an empty answer gets 0 without one)."""
+        return [
+            question_id
+            for question_id, text in self.written.items()
+            if text and not str(self.hand.get(question_id, "")).strip()
+        ]
 
 
 def identify_exercise(path: Path, notebook: dict) -> str | None:
@@ -140,7 +170,45 @@ def _grade_into(row, path, raw, limits, sandbox, exercise, slot, watch, skip_wat
         for flag in program.flags_for(question.name):
             row.review.append(f"{question.id}: {flag}")
     row.review += [f"not run (outside the answer cells): {note}" for note in program.notes[:10]]
+    row.written = read_written_answers(notebook, row.exercise)
     row.error = "; ".join(dict.fromkeys(problems))[:300]
+
+
+WRITTEN_LIMIT = 4000  # characters of one written answer kept for the teacher
+
+
+def read_written_answers(notebook: dict, exercise: str) -> dict[str, str]:
+    """Each written question's answer: the Markdown cell tagged ``answer:NN.qK`` ("" when left empty).
+
+    Where an editor lost the tag, the Markdown cell right after the question's heading is taken.
+    """
+    cells = [cell for cell in notebook.get("cells", []) if isinstance(cell, dict)]
+    texts = [_cell_text(cell) for cell in cells]
+    answers = {}
+    for question in written_for(exercise):
+        found = None
+        for index, cell in enumerate(cells):
+            metadata = cell.get("metadata") if isinstance(cell.get("metadata"), dict) else {}
+            tags = metadata.get("tags") if isinstance(metadata.get("tags"), list) else []
+            if question.tag in tags:
+                found = index
+                break
+        if found is None:
+            heading = f"Question {question.id.split('.q')[-1]} ("
+            for index, text in enumerate(texts[:-1]):
+                if heading in text and "graded by hand" in text and cells[index + 1].get("cell_type") == "markdown":
+                    found = index + 1
+                    break
+        text = texts[found] if found is not None else ""
+        answers[question.id] = text.replace(MARKDOWN_PLACEHOLDER, "").strip()[:WRITTEN_LIMIT]
+    return answers
+
+
+def _cell_text(cell: dict) -> str:
+    source = cell.get("source", "")
+    if isinstance(source, list):
+        return "".join(part for part in source if isinstance(part, str))
+    return source if isinstance(source, str) else ""
 
 
 def _decide_before_running(question: Question, program: AnswerProgram) -> Result | None:
