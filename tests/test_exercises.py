@@ -323,3 +323,41 @@ def test_every_exercise_has_a_written_answer_and_states_its_points():
 
 def _questions_of(number):
     return [question for question in QUESTIONS.values() if question.id.startswith(number + ".")]
+
+
+def test_the_noise_form_dpm_solver_step_is_diffusers_dpmsolver_2m():
+    """Exercise 05.q2, looped, against the reference library's DPM-Solver (noise form, 2nd order multistep)."""
+    diffusers = pytest.importorskip("diffusers")
+    from coursekit.course.bank_part2 import reference_dpm_solver_eps_step
+    from coursekit.oracle import GaussianOracle
+    from coursekit.samplers import ddim_timesteps
+    from coursekit.schedules import make_schedule
+
+    schedule = make_schedule("linear", 1000)
+    oracle = GaussianOracle(torch.tensor([0.5, -1.0, 0.2]), torch.tensor([0.3, 1.5, 0.7]), schedule)
+    x_T = torch.randn(16, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    alpha_bar = schedule.alpha_bar.tolist()
+    for num_steps in (5, 20):
+        timesteps = ddim_timesteps(1000, num_steps)
+        scheduler = diffusers.DPMSolverMultistepScheduler(
+            num_train_timesteps=1000,
+            trained_betas=schedule.betas.numpy(),
+            algorithm_type="dpmsolver",
+            solver_order=2,
+            lower_order_final=False,
+            final_sigmas_type="sigma_min",  # diffusers' noise form cannot end at sigma 0: compare the steps before
+        )
+        scheduler.set_timesteps(timesteps=timesteps)
+        theirs, mine = x_T.clone(), x_T.clone()
+        previous_eps, previous_alpha_bar = None, None
+        for index, t in enumerate(timesteps[:-1]):
+            theirs = scheduler.step(
+                oracle(theirs, torch.full((16,), t)), scheduler.timesteps[index], theirs
+            ).prev_sample
+            eps = oracle(mine, torch.full((16,), t))
+            mine = reference_dpm_solver_eps_step(
+                mine, eps, previous_eps, previous_alpha_bar, alpha_bar[t], alpha_bar[timesteps[index + 1]]
+            )
+            previous_eps, previous_alpha_bar = eps, alpha_bar[t]
+            # diffusers keeps its schedule in float32; ours is float64, hence the tolerance
+            assert torch.allclose(mine, theirs, atol=1e-4), (num_steps, t)
