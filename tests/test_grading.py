@@ -181,6 +181,7 @@ def test_gradebook_and_feedback_files(graded):
     partial = next(p for p in feedback if p.name.startswith("01_partial"))
     text = partial.read_text()
     assert "2 / 7 automatic points" in text and "expected dtype" in text
+    assert "Likely cause: alpha_bar is float64: cast the ratio to x_s's dtype" in text  # a catalogued mistake, named
     assert "01.q4 (written answer): to be graded by your teacher" in text
     journal = (graded["out"] / "grades.journal.jsonl").read_text().splitlines()
     assert len(journal) == len(graded["rows"]) and all(json.loads(line)["row"]["sha256"] for line in journal)
