@@ -22,7 +22,8 @@ from collections.abc import Iterator
 
 import torch
 
-from coursekit.forward import add_noise, noising_step, posterior_mean_variance, predict_x0
+from coursekit.forward import add_noise, noising_step, posterior_mean_variance
+from coursekit.parameterization import check_prediction, read_output
 from coursekit.samplers import (
     NoisePredictor,
     SamplerStep,
@@ -89,6 +90,7 @@ def inpaint_steps(
     generator: torch.Generator | None = None,
     resample: int = 1,
     clip_x0: bool | None = None,
+    prediction: str = "eps",
 ) -> Iterator[SamplerStep]:
     """RePaint (Algorithm 1): fill in where ``mask`` is 0, keep ``images`` where it is 1.
 
@@ -113,6 +115,7 @@ def inpaint_steps(
     the kept part, but x_{t-1} sits at the level alpha_bar_{t-1}: that level (our index t-1) is used.
     """
     x = _check_start(x_T)
+    check_prediction(prediction)
     images, mask = _check_inpaint_inputs(images, mask, x, resample)
     clip_x0 = resolve_clip(clip_x0, x)  # on by default for image batches
     variances = schedule.posterior_variance()
@@ -121,11 +124,7 @@ def inpaint_steps(
         rounds = resample if step > 0 else 1  # Algorithm 1, line 9: no going back up from the clean image
         for round_index in range(rounds):
             # 1. the unknown part: one reverse step from x_t, (B, C, H, W)
-            with torch.no_grad():
-                eps = model(x, t)
-            x0_pred = predict_x0(x, t, eps, schedule)  # DDPM Eq. 15
-            if clip_x0:
-                x0_pred = x0_pred.clamp(-1, 1)
+            x0_pred, _ = read_output(model, x, t, schedule, prediction, clip_x0)  # DDPM Eq. 15 for "eps"
             mean, _ = posterior_mean_variance(x0_pred, x, t, schedule)  # DDPM Eqs. 6-7
             if step > 0:
                 noise = _randn_like(x, generator)

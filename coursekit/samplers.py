@@ -4,10 +4,12 @@ Every sampler is a free function with one signature::
 
     sampler_steps(model, schedule, x_T, *, generator=None, ...) -> iterator of SamplerStep
 
-It starts from the pure-noise image ``x_T``, calls ``model(x_t, t)`` for the predicted noise,
-and yields a :class:`SamplerStep` after every step, so a notebook can animate the trajectory.
-``ddpm_sample`` / ``ddim_sample`` run the same loop and return only the final image. To
-condition on labels or use classifier-free guidance, wrap the model with :func:`with_guidance`.
+It starts from the pure-noise image ``x_T``, calls ``model(x_t, t)`` and reads its output as a
+noise guess (``prediction="eps"``, the default), a clean-image guess (``"x0"``) or a velocity
+(``"v"``) with ``parameterization.read_output``, and yields a :class:`SamplerStep` after every
+step, so a notebook can animate the trajectory. ``ddpm_sample`` / ``ddim_sample`` run the same loop
+and return only the final image. To condition on labels or use classifier-free guidance, wrap the
+model with :func:`with_guidance`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from coursekit.forward import posterior_mean_variance, predict_x0
+from coursekit.forward import posterior_mean_variance
+from coursekit.parameterization import check_prediction, read_output
 from coursekit.schedules import NoiseSchedule
 
 NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -44,6 +47,7 @@ def ddpm_steps(
     variance: str = "posterior",
     clip_x0: bool | None = None,
     start_t: int | None = None,
+    prediction: str = "eps",
 ) -> Iterator[SamplerStep]:
     """Ancestral sampling, DDPM Algorithm 2, over every timestep T-1, ..., 0.
 
@@ -59,6 +63,7 @@ def ddpm_steps(
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
     x = _check_start(x_T)
+    check_prediction(prediction)
     start_t = schedule.num_steps - 1 if start_t is None else int(start_t)
     if not 0 <= start_t < schedule.num_steps:
         raise ValueError(f"start_t must lie in [0, {schedule.num_steps - 1}], got {start_t}")
@@ -66,11 +71,7 @@ def ddpm_steps(
     clip_x0 = resolve_clip(clip_x0, x)
     for step in reversed(range(start_t + 1)):
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-        with torch.no_grad():
-            eps = model(x, t)
-        x0_pred = predict_x0(x, t, eps, schedule)
-        if clip_x0:
-            x0_pred = x0_pred.clamp(-1, 1)
+        x0_pred, eps = read_output(model, x, t, schedule, prediction, clip_x0)
         mean, _ = posterior_mean_variance(x0_pred, x, t, schedule)
         if step > 0:  # Algorithm 2, line 3: no noise is added on the last step
             sigma = schedule.at(variances, t, like=x).sqrt()
@@ -103,6 +104,7 @@ def ddim_steps(
     timesteps: list[int] | None = None,
     eta: float = 0.0,
     clip_x0: bool | None = None,
+    prediction: str = "eps",
 ) -> Iterator[SamplerStep]:
     """DDIM sampling (Song et al., arXiv:2010.02502v4, Eq. 12) over a subset of timesteps.
 
@@ -115,6 +117,7 @@ def ddim_steps(
     ``clip_x0`` as in :func:`ddpm_steps` (on by default for image batches).
     """
     x = _check_start(x_T)
+    check_prediction(prediction)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     if timesteps is None:
@@ -124,11 +127,7 @@ def ddim_steps(
     for index, step in enumerate(timesteps):
         previous = timesteps[index + 1] if index + 1 < len(timesteps) else -1
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-        with torch.no_grad():
-            eps = model(x, t)
-        x0_pred = predict_x0(x, t, eps, schedule)
-        if clip_x0:
-            x0_pred = x0_pred.clamp(-1, 1)
+        x0_pred, eps = read_output(model, x, t, schedule, prediction, clip_x0)
         alpha_bar_t = float(schedule.alpha_bar[step])
         alpha_bar_prev = float(schedule.alpha_bar[previous]) if previous >= 0 else 1.0
         sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)) ** 0.5
@@ -148,6 +147,7 @@ def dpm_solver_steps(
     num_steps: int = 20,
     timesteps: list[int] | None = None,
     clip_x0: bool | None = None,
+    prediction: str = "eps",
 ) -> Iterator[SamplerStep]:
     """DPM-Solver++(2M) (Lu et al., arXiv:2211.01095v2, Algorithm 2): a second-order multistep solver.
 
@@ -167,6 +167,7 @@ def dpm_solver_steps(
     ``clip_x0`` as in :func:`ddpm_steps` (on by default for image batches).
     """
     x = _check_start(x_T)
+    check_prediction(prediction)
     if timesteps is None:
         timesteps = ddim_timesteps(schedule.num_steps, num_steps)
     timesteps = _check_timesteps(timesteps, schedule)
@@ -175,11 +176,7 @@ def dpm_solver_steps(
     for index, step in enumerate(timesteps):
         following = timesteps[index + 1] if index + 1 < len(timesteps) else -1  # -1: the clean image
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-        with torch.no_grad():
-            eps = model(x, t)
-        x0_pred = predict_x0(x, t, eps, schedule)
-        if clip_x0:
-            x0_pred = x0_pred.clamp(-1, 1)
+        x0_pred, eps = read_output(model, x, t, schedule, prediction, clip_x0)
         alpha, sigma = _alpha_sigma(schedule, step)
         if following < 0:
             x = x0_pred  # sigma_next = 0: the first-order update lands on the x0 guess

@@ -62,6 +62,28 @@ def cosine_betas(num_steps: int, offset: float = 0.008, max_beta: float = 0.999)
     return betas.clamp(max=max_beta)
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """The same schedule, shifted so that the last step is pure noise (Lin et al., arXiv:2305.08891v4).
+
+    Common schedules end with a little signal left (the linear one: alpha_bar = 4e-5 at T-1), so a
+    model never sees pure noise in training, yet sampling starts from it. Algorithm 1 of the paper
+    shifts sqrt(alpha_bar) so that it ends at exactly 0 and scales it so that it still starts at its old
+    value: ``sqrt(alpha_bar_t) -> (sqrt(alpha_bar_t) - sqrt(alpha_bar_last)) * sqrt(alpha_bar_0) /
+    (sqrt(alpha_bar_0) - sqrt(alpha_bar_last))``. The last beta becomes 1; at that step the noise
+    guess says nothing about x0 (the SNR is 0), so such a schedule needs a model that predicts v or
+    x0 (Sec. 3.2), not eps.
+    """
+    betas = torch.as_tensor(betas, dtype=torch.float64)
+    if betas.ndim != 1 or len(betas) < 2:
+        raise ValueError(f"zero terminal SNR needs a schedule of at least 2 steps, got shape {tuple(betas.shape)}")
+    root = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)  # Algorithm 1: shift to 0 at the end, keep the start
+    alpha_bar = root**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     """Every per-timestep number the forward and reverse processes need, in float64.
@@ -81,8 +103,10 @@ class NoiseSchedule:
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.ndim != 1 or len(betas) == 0:
             raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
-        if not bool(((betas > 0) & (betas < 1)).all()):
-            raise ValueError("every beta must lie strictly between 0 and 1")
+        if not bool(((betas > 0) & (betas < 1)).all()) and not (
+            bool(((betas[:-1] > 0) & (betas[:-1] < 1)).all()) and betas[-1] == 1
+        ):
+            raise ValueError("every beta must lie strictly between 0 and 1 (the last one may be 1: pure noise)")
         alphas = 1 - betas
         alpha_bar = torch.cumprod(alphas, dim=0)  # DDPM Eq. 4: alpha_bar_t = prod_s alpha_s
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
@@ -114,11 +138,17 @@ class NoiseSchedule:
 SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
 
 
-def make_schedule(name: str = "linear", num_steps: int = 1000) -> NoiseSchedule:
-    """Build a schedule by name: ``"linear"`` (DDPM) or ``"cosine"`` (Improved DDPM)."""
+def make_schedule(name: str = "linear", num_steps: int = 1000, zero_terminal_snr: bool = False) -> NoiseSchedule:
+    """Build a schedule by name: ``"linear"`` (DDPM) or ``"cosine"`` (Improved DDPM).
+
+    ``zero_terminal_snr`` rescales it so that its last step is pure noise (:func:`rescale_zero_terminal_snr`).
+    """
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
-    return NoiseSchedule.from_betas(SCHEDULES[name](num_steps), name=name)
+    betas = SCHEDULES[name](num_steps)
+    if zero_terminal_snr:
+        return NoiseSchedule.from_betas(rescale_zero_terminal_snr(betas), name=f"{name}, zero terminal SNR")
+    return NoiseSchedule.from_betas(betas, name=name)
 
 
 def check_timesteps(t: torch.Tensor | int, num_steps: int) -> torch.Tensor:
