@@ -39,6 +39,24 @@ class GaussianOracle:
         eps = noise_scale / variance_x_t * (x_t.double() - signal * mean)
         return eps.to(x_t.dtype)
 
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, prediction: str = "eps") -> torch.Tensor:
+        """The optimal guess of ``"eps"``, ``"x0"`` or ``"v"``, each from its own closed form.
+
+        ``E[x0 | x_t] = m + alpha d^2 / (alpha^2 d^2 + sigma^2) (x_t - alpha m)`` stays finite where
+        alpha_bar = 0 (a zero-terminal-SNR schedule's last step), where x0 from eps would be 0 / 0.
+        """
+        if prediction == "eps":
+            return self(x_t, t)
+        alpha_bar_t = self.schedule.at(self.schedule.alpha_bar, t, like=x_t.double())
+        alpha, sigma = alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt()
+        mean, std = self.mean.to(x_t.device), self.std.to(x_t.device)
+        x0 = mean + alpha * std**2 / (alpha**2 * std**2 + sigma**2) * (x_t.double() - alpha * mean)
+        if prediction == "x0":
+            return x0.to(x_t.dtype)
+        if prediction == "v":
+            return (alpha * self(x_t, t).double() - sigma * x0).to(x_t.dtype)  # v = alpha eps - sigma x0
+        raise ValueError(f"unknown prediction {prediction!r}; choose one of ('eps', 'x0', 'v')")
+
     def sample_data(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``count`` draws of x0, shape (count, *mean.shape broadcast with std.shape)."""
         shape = torch.broadcast_shapes(self.mean.shape, self.std.shape)
