@@ -2,7 +2,10 @@
 
 Every sampler is a free function with one signature::
 
-    sampler_steps(model, schedule, x_T, *, generator=None, ...) -> iterator of SamplerStep
+    sampler_steps(model, schedule, x_T, *, generator=None, num_steps=None, timesteps=None, start_t=None,
+                  clip_x0=None, prediction="eps", <its own options>) -> iterator of SamplerStep
+
+(``tests/test_sampler_contract.py`` holds every registered sampler to it.)
 
 It starts from the pure-noise image ``x_T``, calls ``model(x_t, t)`` and reads its output as a
 noise guess (``prediction="eps"``, the default), a clean-image guess (``"x0"``) or a velocity
@@ -44,14 +47,16 @@ def ddpm_steps(
     x_T: torch.Tensor,
     *,
     generator: torch.Generator | None = None,
-    variance: str = "posterior",
-    clip_x0: bool | None = None,
+    num_steps: int | None = None,
+    timesteps: list[int] | None = None,
     start_t: int | None = None,
+    clip_x0: bool | None = None,
     prediction: str = "eps",
+    variance: str = "posterior",
 ) -> Iterator[SamplerStep]:
-    """Ancestral sampling, DDPM Algorithm 2, over every timestep T-1, ..., 0.
+    """Ancestral sampling, DDPM Algorithm 2, over every timestep T-1, ..., 0 by default.
 
-    Each step predicts the noise, turns it into a guess of x0 (Eq. 15), and samples
+    Each step reads the model's output as a guess of x0 (Eq. 15 for a noise guess) and samples
     ``x_{t-1} ~ N(mu, sigma_t^2)`` with the true posterior's mean for that guess (Eqs. 6-7; the
     same as Eq. 11 when nothing is clipped). ``variance`` chooses sigma_t^2: ``"posterior"``
     (beta_tilde_t, the "fixed small" choice) or ``"beta"`` (beta_t, "fixed large"); the paper
@@ -59,26 +64,62 @@ def ddpm_steps(
     default it does so for image batches (B, C, H, W), see :func:`resolve_clip`.
     ``start_t`` starts part-way: ``x_T`` is then a partly noised ``x_{start_t}`` (for example from
     ``add_noise``), and the loop runs start_t, ..., 0 (notebook 04's experiments, and editing).
+    ``num_steps`` or ``timesteps`` visit fewer steps (respacing, Improved DDPM Sec. 4): each jump from
+    t to the next visited step t' samples the same posterior with alpha_bar_t / alpha_bar_t' as its
+    alpha, which is DDIM with eta = 1 (DDIM Sec. 4.1).
     """
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
     x = _check_start(x_T)
     check_prediction(prediction)
-    start_t = schedule.num_steps - 1 if start_t is None else int(start_t)
-    if not 0 <= start_t < schedule.num_steps:
-        raise ValueError(f"start_t must lie in [0, {schedule.num_steps - 1}], got {start_t}")
+    grid = sampling_timesteps(schedule, num_steps, timesteps, start_t)
     variances = schedule.posterior_variance() if variance == "posterior" else schedule.betas
     clip_x0 = resolve_clip(clip_x0, x)
-    for step in reversed(range(start_t + 1)):
+    for index, step in enumerate(grid):
+        following = grid[index + 1] if index + 1 < len(grid) else -1  # -1: the clean image
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
         x0_pred, eps = read_output(model, x, t, schedule, prediction, clip_x0)
-        mean, _ = posterior_mean_variance(x0_pred, x, t, schedule)
-        if step > 0:  # Algorithm 2, line 3: no noise is added on the last step
-            sigma = schedule.at(variances, t, like=x).sqrt()
-            x = mean + sigma * _randn_like(x, generator)
-        else:
-            x = mean
+        if following == step - 1:  # consecutive steps: the schedule's own tables
+            mean, _ = posterior_mean_variance(x0_pred, x, t, schedule)
+            if step > 0:  # Algorithm 2, line 3: no noise is added on the last step
+                sigma = schedule.at(variances, t, like=x).sqrt()
+                x = mean + sigma * _randn_like(x, generator)
+            else:
+                x = mean
+        else:  # a respaced jump from step to following
+            alpha_bar_t = float(schedule.alpha_bar[step])
+            alpha_bar_next = float(schedule.alpha_bar[following]) if following >= 0 else 1.0
+            alpha = alpha_bar_t / alpha_bar_next
+            beta = 1 - alpha
+            mean = (alpha_bar_next**0.5 * beta / (1 - alpha_bar_t)) * x0_pred + (
+                alpha**0.5 * (1 - alpha_bar_next) / (1 - alpha_bar_t)
+            ) * x  # DDPM Eq. 7 for the jump
+            if following >= 0:
+                spread = (1 - alpha_bar_next) / (1 - alpha_bar_t) * beta if variance == "posterior" else beta
+                x = mean + spread**0.5 * _randn_like(x, generator)
+            else:
+                x = mean
         yield SamplerStep(step, x, x0_pred)
+
+
+def sampling_timesteps(
+    schedule: NoiseSchedule,
+    num_steps: int | None = None,
+    timesteps: list[int] | None = None,
+    start_t: int | None = None,
+) -> list[int]:
+    """The decreasing timesteps a sampler visits: ``timesteps`` as given; or ``num_steps`` of them,
+    evenly spaced from ``start_t`` (T-1 by default) down to 0; or, without either, every step."""
+    if timesteps is not None:
+        if num_steps is not None or start_t is not None:
+            raise ValueError("give either timesteps, or num_steps and start_t; not both")
+        return _check_timesteps(timesteps, schedule)
+    top = schedule.num_steps - 1 if start_t is None else int(start_t)
+    if not 0 <= top < schedule.num_steps:
+        raise ValueError(f"start_t must lie in [0, {schedule.num_steps - 1}], got {start_t}")
+    if num_steps is None:
+        return list(range(top, -1, -1))
+    return ddim_timesteps(top + 1, num_steps)
 
 
 def ddim_timesteps(num_train_steps: int, num_sampling_steps: int) -> list[int]:
@@ -100,11 +141,12 @@ def ddim_steps(
     x_T: torch.Tensor,
     *,
     generator: torch.Generator | None = None,
-    num_steps: int = 50,
+    num_steps: int | None = None,
     timesteps: list[int] | None = None,
-    eta: float = 0.0,
+    start_t: int | None = None,
     clip_x0: bool | None = None,
     prediction: str = "eps",
+    eta: float = 0.0,
 ) -> Iterator[SamplerStep]:
     """DDIM sampling (Song et al., arXiv:2010.02502v4, Eq. 12) over a subset of timesteps.
 
@@ -120,9 +162,9 @@ def ddim_steps(
     check_prediction(prediction)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    if timesteps is None:
-        timesteps = ddim_timesteps(schedule.num_steps, num_steps)
-    timesteps = _check_timesteps(timesteps, schedule)
+    if num_steps is None and timesteps is None:
+        num_steps = min(50, schedule.num_steps if start_t is None else int(start_t) + 1)
+    timesteps = sampling_timesteps(schedule, num_steps, timesteps, start_t)
     clip_x0 = resolve_clip(clip_x0, x)
     for index, step in enumerate(timesteps):
         previous = timesteps[index + 1] if index + 1 < len(timesteps) else -1
@@ -144,8 +186,9 @@ def dpm_solver_steps(
     x_T: torch.Tensor,
     *,
     generator: torch.Generator | None = None,
-    num_steps: int = 20,
+    num_steps: int | None = None,
     timesteps: list[int] | None = None,
+    start_t: int | None = None,
     clip_x0: bool | None = None,
     prediction: str = "eps",
 ) -> Iterator[SamplerStep]:
@@ -168,9 +211,9 @@ def dpm_solver_steps(
     """
     x = _check_start(x_T)
     check_prediction(prediction)
-    if timesteps is None:
-        timesteps = ddim_timesteps(schedule.num_steps, num_steps)
-    timesteps = _check_timesteps(timesteps, schedule)
+    if num_steps is None and timesteps is None:
+        num_steps = min(20, schedule.num_steps if start_t is None else int(start_t) + 1)
+    timesteps = sampling_timesteps(schedule, num_steps, timesteps, start_t)
     clip_x0 = resolve_clip(clip_x0, x)
     previous_x0_pred, previous_h = None, None
     for index, step in enumerate(timesteps):

@@ -62,3 +62,40 @@ def test_every_sampler_honours_clip_x0(kind, name):
         steps = _run(kind, name, x_T, model=far_out, clip_x0=clip, generator=torch.Generator().manual_seed(3))
         inside = all(bool((step.x0_pred.abs() <= 1 + 1e-6).all()) for step in steps)
         assert inside == clip, (name, clip)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_diffusion_sampler_takes_the_shared_keywords(name):
+    oracle = GaussianOracle(MEAN, STD, SCHEDULE)
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    shared = {"generator": torch.Generator().manual_seed(5), "clip_x0": False, "prediction": "eps"}
+    by_count = list(SAMPLERS[name](oracle, SCHEDULE, x, num_steps=10, start_t=120, **shared))
+    assert [step.t for step in by_count] == [120, 107, 93, 80, 67, 53, 40, 27, 13, 0]
+    by_list = list(SAMPLERS[name](oracle, SCHEDULE, x, timesteps=[150, 90, 30], **shared))
+    assert [step.t for step in by_list] == [150, 90, 30]  # the last visited step jumps to the data
+    with pytest.raises(ValueError, match="not both"):
+        list(SAMPLERS[name](oracle, SCHEDULE, x, timesteps=[150, 90], num_steps=3))
+    with pytest.raises(ValueError, match="prediction"):
+        list(SAMPLERS[name](oracle, SCHEDULE, x, prediction="noise"))
+
+
+def test_respaced_ddpm_is_ddim_with_eta_one():
+    """DDIM Sec. 4.1: eta = 1 is DDPM's posterior, also over a jump of many steps."""
+    from coursekit.samplers import ddim_sample, ddpm_sample
+
+    oracle = GaussianOracle(MEAN, STD, SCHEDULE)
+    x_T = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    options = {"num_steps": 25, "clip_x0": False}
+    respaced = ddpm_sample(oracle, SCHEDULE, x_T, generator=torch.Generator().manual_seed(7), **options)
+    ddim = ddim_sample(oracle, SCHEDULE, x_T, generator=torch.Generator().manual_seed(7), eta=1.0, **options)
+    assert torch.allclose(respaced, ddim, atol=1e-10)
+    every = ddpm_sample(oracle, SCHEDULE, x_T, generator=torch.Generator().manual_seed(8), clip_x0=False)
+    listed = ddpm_sample(
+        oracle,
+        SCHEDULE,
+        x_T,
+        generator=torch.Generator().manual_seed(8),
+        timesteps=list(range(199, -1, -1)),
+        clip_x0=False,
+    )
+    assert torch.equal(every, listed)
