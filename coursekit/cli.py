@@ -283,8 +283,13 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
         help="ddim: few steps, deterministic; dpm++2m: second order, fewer steps still; ddpm: every step "
         "(default: ddim)",
     )
-    parser.add_argument("--steps", type=int, default=50, help="steps for ddim and dpm++2m (default: %(default)s)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise, 0 to 1 (default: 0)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="sampling steps (default: the sampler's own: ddim 50, dpm++2m 20, ddpm every step of the schedule)",
+    )
+    parser.add_argument("--eta", type=float, default=None, help="DDIM noise, 0 to 1 (default: 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default: %(default)s)")
 
@@ -408,10 +413,12 @@ def _check_sampling_options(args: argparse.Namespace) -> None:
 
     if args.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {args.sampler!r}; choose one of {sorted(SAMPLERS)}")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be positive, got {args.steps}")
-    if not 0 <= args.eta <= 1:
+    if args.eta is not None and not 0 <= args.eta <= 1:
         raise ValueError(f"--eta must lie in [0, 1], got {args.eta}")
+    if args.eta is not None and args.sampler != "ddim":
+        raise ValueError(f"--eta is DDIM's option; the {args.sampler} sampler has none")
 
 
 def _evaluate(
@@ -420,6 +427,7 @@ def _evaluate(
     """Score a run's samples (or, with ``real_dataset``, held-out real images); returns the JSON record."""
     from coursekit.quality import CACHE_VARIABLE, MIN_SAMPLES, Yardstick, split_real_images
     from coursekit.runs import generate, load_run
+    from coursekit.samplers import planned_timesteps
 
     run = None if real_dataset else load_run(run_dir, device=device)
     name = real_dataset or run.metadata["dataset"]
@@ -446,7 +454,7 @@ def _evaluate(
         record = {
             **report.to_dict(),
             "sampler": sampler,
-            "steps": run.schedule.num_steps if sampler == "ddpm" else steps,
+            "steps": len(planned_timesteps(sampler, run.schedule, steps)),
             "training_steps": run.step,
         }
         (Path(run_dir) / "quality.json").write_text(json.dumps(record, indent=2))

@@ -17,7 +17,7 @@ from coursekit.checkpoints import CheckpointError, load_checkpoint, load_model_w
 from coursekit.data import ImageDataset
 from coursekit.device import pick_device
 from coursekit.losses import diffusion_loss
-from coursekit.samplers import get_sampler, with_guidance
+from coursekit.samplers import get_sampler, planned_timesteps, with_guidance
 from coursekit.schedules import NoiseSchedule, make_schedule
 from coursekit.training import CHECKPOINT_NAME, TrainConfig, TrainState, train
 from coursekit.unet import UNet, UNetConfig
@@ -129,8 +129,8 @@ def generate(
     image_shape: tuple[int, int, int],
     count: int,
     sampler: str = "ddim",
-    num_steps: int = 50,
-    eta: float = 0.0,
+    num_steps: int | None = None,
+    eta: float | None = None,
     class_labels: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     seed: int = 0,
@@ -142,17 +142,21 @@ def generate(
     """Draw ``count`` images in batches; returns ``(images on the CPU, frames)``.
 
     ``frames > 0`` keeps about that many snapshots of the first batch's trajectory (for a GIF).
-    ``num_steps`` applies to DDIM and DPM-Solver++ (``"dpm++2m"``), ``eta`` to DDIM; DDPM always
-    takes every step. ``clip_x0`` keeps the x0 guesses and the results in the image range [-1, 1];
-    turn it off for latent codes (notebook 07), which live outside that range.
+    ``num_steps`` reaches every sampler (None: the sampler's own default, which for DDPM is every
+    step), ``eta`` DDIM only. ``clip_x0`` keeps the x0 guesses and the results in the image range
+    [-1, 1]; turn it off for latent codes (notebook 07), which live outside that range.
     """
     if count < 1:
         raise ValueError(f"count must be positive, got {count}")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     steps_function = get_sampler(sampler)
-    options = {"ddim": {"num_steps": num_steps, "eta": eta}, "dpm++2m": {"num_steps": num_steps}}.get(sampler, {})
-    total_steps = schedule.num_steps if sampler == "ddpm" else num_steps
+    options = {"num_steps": num_steps} if num_steps is not None else {}
+    if eta is not None:
+        if sampler != "ddim":
+            raise ValueError(f"eta is DDIM's option; the {sampler!r} sampler has none")
+        options["eta"] = eta
+    total_steps = len(planned_timesteps(sampler, schedule, num_steps))
     keep_every = max(1, total_steps // frames) if frames else 0
     images, snapshots = [], []
     bar = tqdm(total=count, desc=f"sampling ({sampler})", unit="img", disable=not progress)

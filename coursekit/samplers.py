@@ -72,7 +72,7 @@ def ddpm_steps(
         raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
     x = _check_start(x_T)
     check_prediction(prediction)
-    grid = sampling_timesteps(schedule, num_steps, timesteps, start_t)
+    grid = planned_timesteps("ddpm", schedule, num_steps, timesteps, start_t)
     variances = schedule.posterior_variance() if variance == "posterior" else schedule.betas
     clip_x0 = resolve_clip(clip_x0, x)
     for index, step in enumerate(grid):
@@ -100,6 +100,20 @@ def ddpm_steps(
             else:
                 x = mean
         yield SamplerStep(step, x, x0_pred)
+
+
+def planned_timesteps(
+    name: str,
+    schedule: NoiseSchedule,
+    num_steps: int | None = None,
+    timesteps: list[int] | None = None,
+    start_t: int | None = None,
+) -> list[int]:
+    """The timesteps sampler ``name`` visits with these options, its own default step count included."""
+    default = DEFAULT_NUM_STEPS[name]
+    if num_steps is None and timesteps is None and default is not None:
+        num_steps = min(default, schedule.num_steps if start_t is None else int(start_t) + 1)
+    return sampling_timesteps(schedule, num_steps, timesteps, start_t)
 
 
 def sampling_timesteps(
@@ -162,9 +176,7 @@ def ddim_steps(
     check_prediction(prediction)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    if num_steps is None and timesteps is None:
-        num_steps = min(50, schedule.num_steps if start_t is None else int(start_t) + 1)
-    timesteps = sampling_timesteps(schedule, num_steps, timesteps, start_t)
+    timesteps = planned_timesteps("ddim", schedule, num_steps, timesteps, start_t)
     clip_x0 = resolve_clip(clip_x0, x)
     for index, step in enumerate(timesteps):
         previous = timesteps[index + 1] if index + 1 < len(timesteps) else -1
@@ -211,9 +223,7 @@ def dpm_solver_steps(
     """
     x = _check_start(x_T)
     check_prediction(prediction)
-    if num_steps is None and timesteps is None:
-        num_steps = min(20, schedule.num_steps if start_t is None else int(start_t) + 1)
-    timesteps = sampling_timesteps(schedule, num_steps, timesteps, start_t)
+    timesteps = planned_timesteps("dpm++2m", schedule, num_steps, timesteps, start_t)
     clip_x0 = resolve_clip(clip_x0, x)
     previous_x0_pred, previous_h = None, None
     for index, step in enumerate(timesteps):
@@ -269,6 +279,7 @@ def final_state(steps: Iterator[SamplerStep]) -> torch.Tensor:
 
 
 SAMPLERS = {"ddpm": ddpm_steps, "ddim": ddim_steps, "dpm++2m": dpm_solver_steps}
+DEFAULT_NUM_STEPS = {"ddpm": None, "ddim": 50, "dpm++2m": 20}  # without num_steps or timesteps; None: every step
 
 
 def get_sampler(name: str) -> Callable[..., Iterator[SamplerStep]]:
