@@ -192,11 +192,30 @@ def precision_context(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _bf16_is_faster_on_cpu(model, batches, loss_fn, repeats: int = 3) -> bool:
-    """Time a few training steps of a copy of the model in fp32 and in bf16 (weights unchanged)."""
+BF16_TRIAL_BATCH = 16  # examples per trial step: enough to compare the two, cheap where bf16 is slow
+_BF16_DECISIONS: dict[tuple, bool] = {}  # one measurement per kind of model and batch in a process
+
+
+def _bf16_is_faster_on_cpu(model, batches, loss_fn, repeats: int = 2) -> bool:
+    """Time a few training steps of a copy of the model in fp32 and in bf16 (weights unchanged).
+
+    On a CPU without fast bf16 units, a full batch in bf16 takes seconds per step, so the trial uses
+    a small batch; the answer is remembered for the rest of the process (the same model class, size,
+    batch shape and loss), since every run after the first would measure the same thing.
+    """
+    batch = tuple(
+        t[: min(batches.batch_size, BF16_TRIAL_BATCH)] for t in batches.tensors
+    )  # no draw from the run's generator
+    key = (
+        type(model).__qualname__,
+        sum(parameter.numel() for parameter in model.parameters()),
+        tuple((tuple(t.shape[1:]), t.dtype) for t in batch),
+        getattr(loss_fn, "__qualname__", repr(loss_fn)),
+    )
+    if key in _BF16_DECISIONS:
+        return _BF16_DECISIONS[key]
     trial = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(12345)
-    batch = tuple(t[: batches.batch_size] for t in batches.tensors)  # no draw from the run's generator
     rng_state = torch.get_rng_state()
     timings = {}
     for precision in ("fp32", "bf16", "fp32", "bf16"):  # twice each; keep the faster
@@ -207,7 +226,8 @@ def _bf16_is_faster_on_cpu(model, batches, loss_fn, repeats: int = 3) -> bool:
             loss.backward()
         timings[precision] = min(timings.get(precision, math.inf), time.perf_counter() - start)
     torch.set_rng_state(rng_state)
-    return timings["bf16"] < 0.8 * timings["fp32"]
+    _BF16_DECISIONS[key] = timings["bf16"] < 0.8 * timings["fp32"]
+    return _BF16_DECISIONS[key]
 
 
 def train(

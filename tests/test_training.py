@@ -162,3 +162,23 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
             _model(), _data(), LOSS, _config(4, precision="bf16"), run_dir=tmp_path, metadata={"schedule": "cosine"}
         )
     assert state.precision == "bf16" and state.step == 4
+
+
+def test_the_bf16_trial_is_small_and_runs_once_per_kind_of_model(monkeypatch):
+    from types import SimpleNamespace
+
+    from coursekit import training
+
+    model = torch.nn.Linear(4, 4)
+    batches = SimpleNamespace(batch_size=128, tensors=(torch.randn(128, 4),))
+    seen = []
+
+    def loss_fn(trial, batch, generator):
+        seen.append(batch[0].shape[0])
+        return trial(batch[0]).pow(2).mean()
+
+    monkeypatch.setattr(training, "_BF16_DECISIONS", {})
+    first = training._bf16_is_faster_on_cpu(model, batches, loss_fn)
+    assert seen and set(seen) == {training.BF16_TRIAL_BATCH}  # a small batch, not the run's 128
+    monkeypatch.setattr(training.copy, "deepcopy", lambda *args: pytest.fail("measured twice"))
+    assert training._bf16_is_faster_on_cpu(model, batches, loss_fn) is first
