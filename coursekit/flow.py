@@ -28,12 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coursekit.samplers import resolve_clip
+from coursekit.samplers import _check_start, final_state, resolve_clip
+from coursekit.schedules import per_example
 
 
 def flow_path(x0: torch.Tensor, s: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """``x_s = (1 - s) x0 + s eps`` for a batch; ``s`` has shape (B,)."""
-    s = _per_example(s, x0)
+    s = per_example(s, x0)
     return (1 - s) * x0 + s * noise
 
 
@@ -44,7 +45,7 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 def x0_and_eps(velocity: torch.Tensor, x_s: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The clean image and the noise a velocity stands for at ``x_s``: ``x0 = x_s - s u``, ``eps = x_s + (1 - s) u``."""
-    s = _per_example(s, x_s)
+    s = per_example(s, x_s)
     return x_s - s * velocity, x_s + (1 - s) * velocity
 
 
@@ -145,12 +146,12 @@ def heun_steps(
 
 def euler_sample(model, x_T: torch.Tensor, **options) -> torch.Tensor:
     """:func:`euler_steps`, returning only the final images."""
-    return _last(euler_steps(model, x_T, **options))
+    return final_state(euler_steps(model, x_T, **options))
 
 
 def heun_sample(model, x_T: torch.Tensor, **options) -> torch.Tensor:
     """:func:`heun_steps`, returning only the final images."""
-    return _last(heun_steps(model, x_T, **options))
+    return final_state(heun_steps(model, x_T, **options))
 
 
 FLOW_SAMPLERS = {"euler": euler_steps, "heun": heun_steps}
@@ -175,7 +176,7 @@ class GaussianVelocityOracle:
         return (1 - s) ** 2 * self.std**2 + s**2
 
     def __call__(self, x_s: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        s = _per_example(torch.as_tensor(s, dtype=torch.float64), x_s.double())
+        s = per_example(torch.as_tensor(s, dtype=torch.float64), x_s.double())
         gain = (s - (1 - s) * self.std**2) / self._variance(s)
         return (-self.mean + gain * (x_s.double() - (1 - s) * self.mean)).to(x_s.dtype)
 
@@ -186,26 +187,8 @@ class GaussianVelocityOracle:
         return ((1 - s_to) * self.mean + self._variance(s_to).sqrt() * score).to(x.dtype)
 
 
-def _per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    values = torch.as_tensor(values)
-    return values.to(dtype=like.dtype, device=like.device).reshape(-1, *([1] * (like.ndim - 1)))
-
-
-def _check_start(x_T: torch.Tensor) -> torch.Tensor:
-    if not isinstance(x_T, torch.Tensor) or x_T.ndim < 2:
-        raise ValueError("x_T must be a tensor of shape (B, ...) holding pure noise")
-    return x_T
-
-
 def _check_times(times: list[float]) -> list[float]:
     times = [float(s) for s in times]
     if len(times) < 2 or times[0] > 1 or times[-1] != 0 or any(b >= a for a, b in zip(times, times[1:])):
         raise ValueError(f"times must decrease strictly from at most 1 down to 0, got {times[:3]}...{times[-2:]}")
     return times
-
-
-def _last(steps: Iterator[FlowStep]) -> torch.Tensor:
-    last = None
-    for last in steps:  # noqa: B007  (only the last one is kept)
-        continue
-    return last.x

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from coursekit.parameterization import x0_and_eps
 from coursekit.schedules import NoiseSchedule
 
 
@@ -60,7 +61,7 @@ def predict_x0(x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, schedule: 
     if eps.shape != x_t.shape:
         raise ValueError(f"eps must have the shape of x_t {tuple(x_t.shape)}, got {tuple(eps.shape)}")
     alpha_bar_t = schedule.at(schedule.alpha_bar, t, like=x_t)
-    return (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
+    return x0_and_eps(eps, x_t, alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt(), "eps")[0]
 
 
 def posterior_mean_variance(

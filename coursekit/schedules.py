@@ -131,8 +131,14 @@ class NoiseSchedule:
         """
         t = check_timesteps(t, self.num_steps)
         # index and cast on the CPU first: MPS has no float64, and the table stays off the GPU
-        picked = values[t.cpu()].to(dtype=like.dtype).to(like.device)
-        return picked.reshape(-1, *([1] * (like.ndim - 1)))
+        return per_example(values[t.cpu()], like)
+
+
+def per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One number per example, shape (B,), as (B, 1, ..., 1) in ``like``'s dtype and device, so that it
+    scales whole examples of any shape: images (B, C, H, W) or points (B, D)."""
+    values = torch.as_tensor(values).to(dtype=like.dtype).to(like.device)
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}

@@ -10,6 +10,8 @@ The learner's code is called exactly as ``call`` says, with fresh inputs for eve
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,13 +29,8 @@ from coursekit.course.engine import (
 from coursekit.embeddings import sinusoidal_embedding
 from coursekit.forward import posterior_mean_variance
 from coursekit.oracle import GaussianOracle
-from coursekit.schedules import NoiseSchedule, make_schedule
+from coursekit.schedules import NoiseSchedule, make_schedule, per_example
 from coursekit.unet import group_norm
-
-
-def _per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B,) values as (B, 1, ..., 1) in ``like``'s dtype, to scale whole examples of any shape."""
-    return values.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def _schedule_from_alpha_bar(alpha_bar: torch.Tensor) -> NoiseSchedule:
@@ -49,7 +46,7 @@ def reference_betas(alpha_bar: torch.Tensor) -> torch.Tensor:
 
 
 def reference_noise_further(x_s, s, t, alpha_bar, noise):
-    ratio = _per_example(alpha_bar[t].double() / alpha_bar[s].double(), x_s)  # alpha_bar_t / alpha_bar_s
+    ratio = per_example(alpha_bar[t].double() / alpha_bar[s].double(), x_s)  # alpha_bar_t / alpha_bar_s
     return ratio.sqrt() * x_s + (1 - ratio).sqrt() * noise
 
 
@@ -122,18 +119,18 @@ def _betas_ratio_upside_down(alpha_bar):
 
 
 def _further_from_x0(x_s, s, t, alpha_bar, noise):
-    a = _per_example(alpha_bar[t], x_s)
+    a = per_example(alpha_bar[t], x_s)
     return a.sqrt() * x_s + (1 - a).sqrt() * noise
 
 
 def _further_without_square_roots(x_s, s, t, alpha_bar, noise):
-    ratio = _per_example(alpha_bar[t] / alpha_bar[s], x_s)
+    ratio = per_example(alpha_bar[t] / alpha_bar[s], x_s)
     return ratio * x_s + (1 - ratio) * noise
 
 
 def _further_with_all_the_noise(x_s, s, t, alpha_bar, noise):
-    ratio = _per_example(alpha_bar[t] / alpha_bar[s], x_s)
-    return ratio.sqrt() * x_s + _per_example(1 - alpha_bar[t], x_s).sqrt() * noise
+    ratio = per_example(alpha_bar[t] / alpha_bar[s], x_s)
+    return ratio.sqrt() * x_s + per_example(1 - alpha_bar[t], x_s).sqrt() * noise
 
 
 def _further_for_images_only(x_s, s, t, alpha_bar, noise):
@@ -460,7 +457,7 @@ register(
 
 
 def reference_v_loss(model, x0, t, noise, alpha_bar):
-    a = _per_example(alpha_bar[t], x0)
+    a = per_example(alpha_bar[t], x0)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     v = a.sqrt() * noise - (1 - a).sqrt() * x0  # the velocity target (Salimans & Ho 2022)
     return F.mse_loss(model(x_t, t), v)
@@ -562,17 +559,17 @@ def _compare_training(got, expected, case) -> None:
 
 
 def _loss_on_noise(model, x0, t, noise, alpha_bar):
-    a = _per_example(alpha_bar[t], x0)
+    a = per_example(alpha_bar[t], x0)
     return F.mse_loss(model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t), noise)
 
 
 def _loss_with_v_reversed(model, x0, t, noise, alpha_bar):
-    a = _per_example(alpha_bar[t], x0)
+    a = per_example(alpha_bar[t], x0)
     return F.mse_loss(model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t), a.sqrt() * x0 - (1 - a).sqrt() * noise)
 
 
 def _loss_with_v_coefficients_swapped(model, x0, t, noise, alpha_bar):
-    a = _per_example(alpha_bar[t], x0)
+    a = per_example(alpha_bar[t], x0)
     return F.mse_loss(model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t), (1 - a).sqrt() * noise - a.sqrt() * x0)
 
 
@@ -583,63 +580,31 @@ def _loss_in_float64(model, x0, t, noise, alpha_bar):
 
 
 def _loss_summed(model, x0, t, noise, alpha_bar):
-    a = _per_example(alpha_bar[t], x0)
+    a = per_example(alpha_bar[t], x0)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     return F.mse_loss(model(x_t, t), a.sqrt() * noise - (1 - a).sqrt() * x0, reduction="sum")
 
 
-def _step_without_zero_grad(model, optimizer, x0, t, noise, alpha_bar, micro_batches):
-    total = 0.0
-    for x0_part, t_part, noise_part in zip(*(tensor.chunk(micro_batches) for tensor in (x0, t, noise))):
-        loss = reference_v_loss(model, x0_part, t_part, noise_part, alpha_bar) / micro_batches
-        loss.backward()
-        total += loss.item()
-    optimizer.step()
-    return total
+def _accumulated_step_with(clear_first=True, clear_inside=False, divide=True, step_inside=False, as_float=True):
+    """``reference_accumulated_step`` with one thing done the way learners often get it wrong."""
 
+    def accumulated_step(model, optimizer, x0, t, noise, alpha_bar, micro_batches):
+        if clear_first:
+            optimizer.zero_grad()
+        total = 0.0
+        for x0_part, t_part, noise_part in zip(*(tensor.chunk(micro_batches) for tensor in (x0, t, noise))):
+            if clear_inside:
+                optimizer.zero_grad()
+            loss = reference_v_loss(model, x0_part, t_part, noise_part, alpha_bar)
+            (loss / micro_batches if divide else loss).backward()
+            if step_inside:
+                optimizer.step()
+            total = total + (loss.item() if as_float else loss.detach()) / micro_batches
+        if not step_inside:
+            optimizer.step()
+        return total
 
-def _step_clearing_inside_the_loop(model, optimizer, x0, t, noise, alpha_bar, micro_batches):
-    total = 0.0
-    for x0_part, t_part, noise_part in zip(*(tensor.chunk(micro_batches) for tensor in (x0, t, noise))):
-        optimizer.zero_grad()
-        loss = reference_v_loss(model, x0_part, t_part, noise_part, alpha_bar) / micro_batches
-        loss.backward()
-        total += loss.item()
-    optimizer.step()
-    return total
-
-
-def _step_without_dividing(model, optimizer, x0, t, noise, alpha_bar, micro_batches):
-    optimizer.zero_grad()
-    total = 0.0
-    for x0_part, t_part, noise_part in zip(*(tensor.chunk(micro_batches) for tensor in (x0, t, noise))):
-        loss = reference_v_loss(model, x0_part, t_part, noise_part, alpha_bar)
-        loss.backward()
-        total += loss.item() / micro_batches
-    optimizer.step()
-    return total
-
-
-def _step_inside_the_loop(model, optimizer, x0, t, noise, alpha_bar, micro_batches):
-    optimizer.zero_grad()
-    total = 0.0
-    for x0_part, t_part, noise_part in zip(*(tensor.chunk(micro_batches) for tensor in (x0, t, noise))):
-        loss = reference_v_loss(model, x0_part, t_part, noise_part, alpha_bar) / micro_batches
-        loss.backward()
-        optimizer.step()
-        total += loss.item()
-    return total
-
-
-def _step_returning_a_tensor(model, optimizer, x0, t, noise, alpha_bar, micro_batches):
-    optimizer.zero_grad()
-    total = 0.0
-    for x0_part, t_part, noise_part in zip(*(tensor.chunk(micro_batches) for tensor in (x0, t, noise))):
-        loss = reference_v_loss(model, x0_part, t_part, noise_part, alpha_bar) / micro_batches
-        loss.backward()
-        total = total + loss.detach()
-    optimizer.step()
-    return total
+    return accumulated_step
 
 
 register(
@@ -689,19 +654,23 @@ register(
         mistakes=[
             Mistake(
                 "gradients left over from before were added to yours: clear them first (optimizer.zero_grad())",
-                _step_without_zero_grad,
+                _accumulated_step_with(clear_first=False),
             ),
             Mistake(
                 "the gradients were cleared inside the loop, so only the last micro-batch counted",
-                _step_clearing_inside_the_loop,
+                _accumulated_step_with(clear_inside=True),
             ),
             Mistake(
                 "divide each micro-batch's loss by micro_batches, so that the summed gradients are the whole "
                 "batch's mean",
-                _step_without_dividing,
+                _accumulated_step_with(divide=False),
             ),
-            Mistake("one optimizer step per call, after all the micro-batches", _step_inside_the_loop),
-            Mistake("return the loss as a Python float (loss.item()), not a tensor", _step_returning_a_tensor),
+            Mistake(
+                "one optimizer step per call, after all the micro-batches", _accumulated_step_with(step_inside=True)
+            ),
+            Mistake(
+                "return the loss as a Python float (loss.item()), not a tensor", _accumulated_step_with(as_float=False)
+            ),
         ],
         forbidden={"noise_prediction_loss", "train", "training_step"},
         compare=_compare_training,
@@ -756,22 +725,6 @@ def _posterior_step(x_t, t, x0_pred, alpha_bar, z, previous_at_zero=True, noise_
     return mean + sigma * z if (t > 0 or not previous_at_zero) else mean
 
 
-def _step_wrapping_at_zero(x_t, t, x0_pred, alpha_bar, z):
-    return _posterior_step(x_t, t, x0_pred, alpha_bar, z, previous_at_zero=False)
-
-
-def _step_with_sqrt_beta(x_t, t, x0_pred, alpha_bar, z):
-    return _posterior_step(x_t, t, x0_pred, alpha_bar, z, noise_scale="beta")
-
-
-def _step_with_the_variance(x_t, t, x0_pred, alpha_bar, z):
-    return _posterior_step(x_t, t, x0_pred, alpha_bar, z, noise_scale="variance")
-
-
-def _step_with_coefficients_swapped(x_t, t, x0_pred, alpha_bar, z):
-    return _posterior_step(x_t, t, x0_pred, alpha_bar, z, swap=True)
-
-
 def _step_treating_x0_as_noise(x_t, t, x0_pred, alpha_bar, z):
     alpha_bar_t, alpha_bar_prev, alpha_t, beta_t = _step_numbers(t, alpha_bar, True)
     mean = (x_t - beta_t / (1 - alpha_bar_t) ** 0.5 * x0_pred) / alpha_t**0.5
@@ -810,7 +763,7 @@ class _CleanImageGuesser:
     def __call__(self, x_t, t):
         if not isinstance(t, torch.Tensor) or t.shape != (x_t.shape[0],):
             raise TypeError(f"the model expects t as a tensor of shape (B,) = ({x_t.shape[0]},), got {t!r}"[:120])
-        a = _per_example(self.alpha_bar[t], x_t)
+        a = per_example(self.alpha_bar[t], x_t)
         return (x_t - (1 - a).sqrt() * self.oracle(x_t, t)) / a.sqrt()
 
 
@@ -905,17 +858,17 @@ register(
         mistakes=[
             Mistake(
                 "at t = 0 there is no step before: alpha_bar[t - 1] is alpha_bar[-1], the last entry; use 1",
-                _step_wrapping_at_zero,
+                partial(_posterior_step, previous_at_zero=False),
             ),
             Mistake(
                 "your noise scale is sqrt(beta_t); this step uses the posterior's, sqrt(beta_tilde_t)",
-                _step_with_sqrt_beta,
+                partial(_posterior_step, noise_scale="beta"),
             ),
             Mistake(
                 "z is multiplied by a standard deviation, sqrt(beta_tilde_t), not by the variance beta_tilde_t",
-                _step_with_the_variance,
+                partial(_posterior_step, noise_scale="variance"),
             ),
-            Mistake("the coefficients of x0_pred and x_t are swapped", _step_with_coefficients_swapped),
+            Mistake("the coefficients of x0_pred and x_t are swapped", partial(_posterior_step, swap=True)),
             Mistake(
                 "that is the step for a noise prediction (notebook 04's); this model guesses the clean image",
                 _step_treating_x0_as_noise,

@@ -24,12 +24,7 @@ from coursekit.course.engine import (
     seeded,
     seeded_generator,
 )
-from coursekit.schedules import make_schedule
-
-
-def _per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
-
+from coursekit.schedules import make_schedule, per_example
 
 # ============================================================================= 05: fewer steps
 
@@ -643,12 +638,12 @@ register(
 
 def reference_edit_start(images, strengths, alpha_bar, noise):
     t = torch.round(strengths * (len(alpha_bar) - 1)).long()  # one step per image
-    a = _per_example(alpha_bar[t], images)
+    a = per_example(alpha_bar[t], images)
     return a.sqrt() * images + (1 - a).sqrt() * noise, t
 
 
 def reference_merge_known(x_generated, images, mask, alpha_bar_t, noise):
-    a = _per_example(alpha_bar_t, images)
+    a = per_example(alpha_bar_t, images)
     known = a.sqrt() * images + (1 - a).sqrt() * noise  # the kept pixels, noised to each image's step
     return mask * known + (1 - mask) * x_generated  # RePaint Algorithm 1, line 8
 
@@ -708,13 +703,13 @@ def _compare_edit_start(got, expected, case) -> None:
 
 def _start_rounding_down(images, strengths, alpha_bar, noise):
     t = (strengths * (len(alpha_bar) - 1)).long()
-    a = _per_example(alpha_bar[t], images)
+    a = per_example(alpha_bar[t], images)
     return a.sqrt() * images + (1 - a).sqrt() * noise, t
 
 
 def _start_from_T(images, strengths, alpha_bar, noise):
     t = torch.round(strengths * len(alpha_bar)).long()
-    a = _per_example(alpha_bar[t], images)
+    a = per_example(alpha_bar[t], images)
     return a.sqrt() * images + (1 - a).sqrt() * noise, t
 
 
@@ -725,7 +720,7 @@ def _start_without_reshaping(images, strengths, alpha_bar, noise):
 
 def _start_without_square_roots(images, strengths, alpha_bar, noise):
     t = torch.round(strengths * (len(alpha_bar) - 1)).long()
-    a = _per_example(alpha_bar[t], images)
+    a = per_example(alpha_bar[t], images)
     return a * images + (1 - a) * noise, t
 
 
@@ -738,7 +733,7 @@ def _merge_clean(x_generated, images, mask, alpha_bar_t, noise):
 
 
 def _merge_without_square_roots(x_generated, images, mask, alpha_bar_t, noise):
-    a = _per_example(alpha_bar_t, images)
+    a = per_example(alpha_bar_t, images)
     return mask * (a * images + (1 - a) * noise) + (1 - mask) * x_generated
 
 
