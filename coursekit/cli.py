@@ -272,22 +272,29 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T (default: %(default)s)")
     parser.add_argument("--base-channels", type=int, default=32, help="U-Net width (default: %(default)s)")
     parser.add_argument("--conditional", action="store_true", help="learn class labels (for guidance)")
+    parser.add_argument(
+        "--objective",
+        default="eps",
+        choices=("eps", "flow"),
+        help="eps: predict the noise (DDPM); flow: predict the flow-matching velocity (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sampler",
-        default="ddim",
-        choices=("ddim", "dpm++2m", "ddpm"),
-        help="ddim: few steps, deterministic; dpm++2m: second order, fewer steps still; ddpm: every step "
-        "(default: ddim)",
+        default=None,
+        choices=("ddim", "dpm++2m", "ddpm", "euler", "heun"),
+        help="ddim: few steps, deterministic; dpm++2m: second order, fewer steps still; ddpm: every step; "
+        "euler and heun: for flow-matching runs (default: ddim, or euler for a flow-matching run)",
     )
     parser.add_argument(
         "--steps",
         type=int,
         default=None,
-        help="sampling steps (default: the sampler's own: ddim 50, dpm++2m 20, ddpm every step of the schedule)",
+        help="sampling steps (default: the sampler's own: ddim 50, dpm++2m 20, ddpm every step of the schedule, "
+        "euler 50, heun 25)",
     )
     parser.add_argument("--eta", type=float, default=None, help="DDIM noise, 0 to 1 (default: 0)")
     parser.add_argument("--seed", type=int, default=0)
@@ -319,7 +326,14 @@ def run_train(args: argparse.Namespace) -> int:
     )
     model_config = UNetConfig(in_channels=dataset.image_shape[0], base_channels=args.base_channels)
     state = train_diffusion(
-        dataset, args.run, model_config, args.schedule, args.timesteps, config, conditional=args.conditional
+        dataset,
+        args.run,
+        model_config,
+        args.schedule,
+        args.timesteps,
+        config,
+        conditional=args.conditional,
+        objective=args.objective,
     )
     if distributed.enabled:
         import torch.distributed
@@ -338,9 +352,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_sample(args: argparse.Namespace) -> int:
     from coursekit.plots import save_animation, save_image_grid
-    from coursekit.runs import generate, load_run
+    from coursekit.runs import check_sampler_fits, default_sampler, generate, load_run
 
     run = load_run(args.run, device=args.device)
+    sampler = args.sampler or default_sampler(run.model)
+    check_sampler_fits(run.model, sampler)
     labels = None
     if args.class_label is not None:
         num_classes = run.model.config.num_classes
@@ -356,7 +372,7 @@ def run_sample(args: argparse.Namespace) -> int:
         run.schedule,
         tuple(run.metadata["image_shape"]),
         args.count,
-        sampler=args.sampler,
+        sampler=sampler,
         num_steps=args.steps,
         eta=args.eta,
         class_labels=labels,
@@ -409,15 +425,16 @@ def _check_run_folder(run_dir) -> None:
 
 
 def _check_sampling_options(args: argparse.Namespace) -> None:
+    from coursekit.flow import FLOW_SAMPLERS
     from coursekit.samplers import SAMPLERS
 
-    if args.sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {args.sampler!r}; choose one of {sorted(SAMPLERS)}")
+    if args.sampler is not None and args.sampler not in {**SAMPLERS, **FLOW_SAMPLERS}:
+        raise ValueError(f"unknown sampler {args.sampler!r}; choose one of {sorted(SAMPLERS) + sorted(FLOW_SAMPLERS)}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be positive, got {args.steps}")
     if args.eta is not None and not 0 <= args.eta <= 1:
         raise ValueError(f"--eta must lie in [0, 1], got {args.eta}")
-    if args.eta is not None and args.sampler != "ddim":
+    if args.eta is not None and args.sampler not in (None, "ddim"):
         raise ValueError(f"--eta is DDIM's option; the {args.sampler} sampler has none")
 
 
@@ -426,10 +443,12 @@ def _evaluate(
 ) -> dict:
     """Score a run's samples (or, with ``real_dataset``, held-out real images); returns the JSON record."""
     from coursekit.quality import CACHE_VARIABLE, MIN_SAMPLES, Yardstick, split_real_images
-    from coursekit.runs import generate, load_run
-    from coursekit.samplers import planned_timesteps
+    from coursekit.runs import check_sampler_fits, count_sampling_steps, default_sampler, generate, load_run
 
     run = None if real_dataset else load_run(run_dir, device=device)
+    if run is not None:
+        sampler = sampler or default_sampler(run.model)
+        check_sampler_fits(run.model, sampler)  # before the classifier is trained
     name = real_dataset or run.metadata["dataset"]
     splits = split_real_images(name, root=data_root)
     count = splits.max_samples if samples is None else samples
@@ -454,7 +473,7 @@ def _evaluate(
         record = {
             **report.to_dict(),
             "sampler": sampler,
-            "steps": len(planned_timesteps(sampler, run.schedule, steps)),
+            "steps": count_sampling_steps(sampler, run.schedule, steps),
             "training_steps": run.step,
         }
         (Path(run_dir) / "quality.json").write_text(json.dumps(record, indent=2))

@@ -49,11 +49,45 @@ def x0_and_eps(velocity: torch.Tensor, x_s: torch.Tensor, s: torch.Tensor) -> tu
     return x_s - s * velocity, x_s + (1 - s) * velocity
 
 
-def flow_matching_loss(model, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Conditional flow matching (Lipman et al. Eq. 23 with the straight path): s ~ U(0, 1), eps ~ N(0, I)."""
-    s = torch.rand(x0.shape[0], generator=generator, dtype=x0.dtype).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-    return F.mse_loss(model(flow_path(x0, s, noise), s), velocity_target(x0, noise))
+def flow_matching_loss(
+    model,
+    x0: torch.Tensor,
+    generator: torch.Generator | None = None,
+    class_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Conditional flow matching (Lipman et al. Eq. 23 with the straight path): s ~ U(0, 1), eps ~ N(0, I),
+    and the mean squared error between the model's velocity at ``x_s`` and ``eps - x0``."""
+    draw_device = generator.device if generator is not None else x0.device  # a seed gives the same draws anywhere
+    s = torch.rand(x0.shape[0], generator=generator, device=draw_device).to(x0.device, x0.dtype)
+    noise = torch.randn(x0.shape, generator=generator, device=draw_device).to(x0.device, x0.dtype)
+    conditions = {} if class_labels is None else {"class_labels": class_labels}
+    velocity = model(flow_path(x0, s, noise), s, **conditions)
+    if velocity.shape != x0.shape:
+        raise ValueError(
+            f"the model must output a velocity of the input's shape {tuple(x0.shape)}, got {tuple(velocity.shape)}"
+        )
+    return F.mse_loss(velocity.float(), velocity_target(x0, noise).float())
+
+
+def flow_loss(conditional: bool = False, label_dropout: float = 0.0, null_label: int | None = None):
+    """The ``loss_fn(model, batch, generator)`` that :func:`coursekit.training.train` expects, for flow
+    matching; labels and label dropout as in :func:`coursekit.losses.diffusion_loss`."""
+    from coursekit.losses import drop_labels
+
+    if not 0 <= label_dropout < 1:
+        raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}")
+    if conditional and label_dropout > 0 and null_label is None:
+        raise ValueError("label dropout needs the model's null_label (the 'no label' class index)")
+
+    def loss_fn(model, batch: tuple, generator: torch.Generator | None = None) -> torch.Tensor:
+        labels = None
+        if conditional:
+            if len(batch) < 2:
+                raise ValueError("conditional training needs (images, labels) batches")
+            labels = drop_labels(batch[1], label_dropout, null_label, generator)
+        return flow_matching_loss(model, batch[0], generator, class_labels=labels)
+
+    return loss_fn
 
 
 class FlowModel(nn.Module):
@@ -62,6 +96,11 @@ class FlowModel(nn.Module):
     def __init__(self, net: nn.Module, time_scale: float = 1000.0):
         super().__init__()
         self.net, self.time_scale = net, time_scale
+
+    @property
+    def config(self):
+        """The wrapped network's settings (a U-Net's ``UNetConfig``), or None."""
+        return getattr(self.net, "config", None)
 
     def forward(self, x_s: torch.Tensor, s: torch.Tensor, **conditions) -> torch.Tensor:
         return self.net(x_s, s * self.time_scale, **conditions)
@@ -155,6 +194,7 @@ def heun_sample(model, x_T: torch.Tensor, **options) -> torch.Tensor:
 
 
 FLOW_SAMPLERS = {"euler": euler_steps, "heun": heun_steps}
+FLOW_DEFAULT_NUM_STEPS = {"euler": 50, "heun": 25}  # without num_steps or times: 50 model calls (Heun: 2 a step)
 
 
 class GaussianVelocityOracle:

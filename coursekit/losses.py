@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from coursekit.forward import add_noise
+from coursekit.parameterization import alpha_sigma, check_prediction, output_for
 from coursekit.schedules import NoiseSchedule
 
 NoisePredictor = Callable[..., torch.Tensor]
@@ -20,6 +21,7 @@ def noise_prediction_loss(
     class_labels: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     per_example: bool = False,
+    prediction: str = "eps",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The simplified loss ``L_simple = E_{t, x0, eps} || eps - eps_theta(x_t, t) ||^2`` (DDPM Eq. 14).
 
@@ -27,7 +29,10 @@ def noise_prediction_loss(
     2. draw the noise and jump to x_t in closed form (line 4);
     3. ask the model for the noise and take the mean squared error (line 5).
     With ``per_example=True`` it returns ``(per-example losses (B,), t (B,))`` for plots.
+    ``prediction="v"`` (or ``"x0"``) trains the model to output ``v = alpha eps - sigma x0``
+    (Salimans & Ho 2022) or the clean image instead; ``parameterization.output_for`` gives the target.
     """
+    check_prediction(prediction)
     batch_size = x0.shape[0]
     # Draw on the generator's device (the CPU for a CPU generator) so that a seed gives the same
     # draws on every machine, then move to the data's device.
@@ -44,7 +49,11 @@ def noise_prediction_loss(
         raise ValueError(
             f"the model must predict noise of the input's shape {tuple(noise.shape)}, got {tuple(eps_pred.shape)}"
         )
-    per_example_loss = F.mse_loss(eps_pred.float(), noise.float(), reduction="none")
+    target = noise
+    if prediction != "eps":
+        alpha, sigma = alpha_sigma(schedule, t, like=x0)
+        target = output_for(x0, noise, alpha, sigma, prediction)
+    per_example_loss = F.mse_loss(eps_pred.float(), target.float(), reduction="none")
     per_example_loss = per_example_loss.flatten(1).mean(dim=1)  # (B,)
     if per_example:
         return per_example_loss, t
@@ -75,14 +84,17 @@ def diffusion_loss(
     conditional: bool = False,
     label_dropout: float = 0.0,
     null_label: int | None = None,
+    prediction: str = "eps",
 ) -> Callable[[NoisePredictor, tuple, torch.Generator | None], torch.Tensor]:
     """The ``loss_fn(model, batch, generator)`` that :func:`coursekit.training.train` expects.
 
     ``batch`` is ``(images,)`` or ``(images, labels)``. With ``conditional=True`` the labels go to
     the model, and a share ``label_dropout`` of them is replaced by ``null_label`` ("no label"),
     so that one model learns both the conditional and the unconditional prediction that
-    classifier-free guidance mixes (Ho & Salimans 2022, Algorithm 1).
+    classifier-free guidance mixes (Ho & Salimans 2022, Algorithm 1). ``prediction`` chooses what the
+    model outputs: the noise ("eps"), the clean image ("x0") or the velocity ("v").
     """
+    check_prediction(prediction)
     if not 0 <= label_dropout < 1:
         raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}")
     if conditional and label_dropout > 0 and null_label is None:
@@ -95,7 +107,9 @@ def diffusion_loss(
             if len(batch) < 2:
                 raise ValueError("conditional training needs (images, labels) batches")
             labels = drop_labels(batch[1], label_dropout, null_label, generator)
-        return noise_prediction_loss(model, images, schedule, class_labels=labels, generator=generator)
+        return noise_prediction_loss(
+            model, images, schedule, class_labels=labels, generator=generator, prediction=prediction
+        )
 
     return loss_fn
 
@@ -103,7 +117,7 @@ def diffusion_loss(
 def drop_labels(
     labels: torch.Tensor, probability: float, null_label: int | None, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Replace each label by ``null_label`` ("no label") with the given probability (notebook 06).
+    """Replace each label by ``null_label`` ("no label") with the given probability (notebook 07).
 
     Classifier-free guidance training (Ho & Salimans 2022, Algorithm 1, line 3): one model then learns
     both the conditional and the unconditional noise prediction. The draw is

@@ -11,7 +11,7 @@ with ``x_t``, gives the other two:
 (the last pair because alpha^2 + sigma^2 = 1). The score, the gradient of the log density of x_t,
 is ``-eps / sigma`` (Song et al. 2021), and Tweedie's formula ``E[x0 | x_t] = (x_t + sigma^2 score) /
 alpha`` is the "eps" line again. A flow-matching model (``flow``) predicts yet another thing, the
-velocity of the straight path; ``flow.velocity_from_x0_eps`` converts.
+velocity of the straight path, ``eps - x0`` (``flow.velocity_target`` of the two guesses).
 
 Samplers call :func:`read_output` once per step instead of repeating these lines.
 """

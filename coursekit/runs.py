@@ -16,12 +16,14 @@ from tqdm.auto import tqdm
 from coursekit.checkpoints import CheckpointError, load_checkpoint, load_model_weights
 from coursekit.data import ImageDataset
 from coursekit.device import pick_device
+from coursekit.flow import FLOW_DEFAULT_NUM_STEPS, FLOW_SAMPLERS, FlowModel, flow_loss, time_grid
 from coursekit.losses import diffusion_loss
-from coursekit.samplers import get_sampler, planned_timesteps, with_guidance
+from coursekit.samplers import SAMPLERS, get_sampler, planned_timesteps, with_guidance
 from coursekit.schedules import NoiseSchedule, make_schedule
 from coursekit.training import CHECKPOINT_NAME, TrainConfig, TrainState, train
 from coursekit.unet import UNet, UNetConfig
 
+OBJECTIVES = ("eps", "flow")
 SHIPPED_CHECKPOINT = Path(__file__).parent / "assets" / "digits_unet.pt"
 SHIPPED_CONDITIONAL_CHECKPOINT = Path(__file__).parent / "assets" / "digits_unet_conditional.pt"
 
@@ -30,11 +32,17 @@ SHIPPED_CONDITIONAL_CHECKPOINT = Path(__file__).parent / "assets" / "digits_unet
 class LoadedRun:
     """A trained model read back from a run folder."""
 
-    model: UNet  # with the EMA weights, in eval mode
+    model: UNet | FlowModel  # with the EMA weights, in eval mode
     schedule: NoiseSchedule
     metadata: dict  # dataset name, image shape, class names, model and schedule settings
     step: int  # training steps behind these weights
     loss_history: list  # (step, mean loss) pairs
+
+    @property
+    def objective(self) -> str:
+        """What the model learned: "eps" (the noise, sampled by ddpm, ddim, dpm++2m) or "flow" (a
+        flow-matching velocity, sampled by euler or heun)."""
+        return self.metadata.get("objective", "eps")
 
 
 def train_diffusion(
@@ -48,13 +56,19 @@ def train_diffusion(
     label_dropout: float = 0.1,
     callback=None,
     extra_metadata: dict | None = None,
+    objective: str = "eps",
 ) -> TrainState:
     """Train a U-Net noise predictor on ``dataset`` into ``run_dir`` (resuming if it holds a run).
 
+    ``objective="flow"`` trains the same U-Net to predict the flow-matching velocity instead
+    (:mod:`coursekit.flow`, notebook 06); the schedule is then unused by training and sampling.
+
     ``dataset`` is an :class:`ImageDataset`, or anything with its fields (``images``, ``labels``,
     ``name``, ``class_names``, ``image_shape``, ``num_classes``), such as the latent codes of
-    notebook 07. ``extra_metadata`` is stored in the checkpoint beside the model settings.
+    notebook 08. ``extra_metadata`` is stored in the checkpoint beside the model settings.
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
     channels = dataset.image_shape[0]
     model_config = model_config or UNetConfig(in_channels=channels)
     if model_config.in_channels != channels:
@@ -63,12 +77,14 @@ def train_diffusion(
         model_config = UNetConfig(**{**model_config.to_dict(), "num_classes": dataset.num_classes})
     model = UNet(model_config)
     schedule = make_schedule(schedule_name, num_timesteps)
-    loss_fn = diffusion_loss(
-        schedule,
-        conditional=conditional,
-        label_dropout=label_dropout if conditional else 0.0,
-        null_label=model_config.num_classes,
-    )
+    dropout = label_dropout if conditional else 0.0
+    if objective == "flow":
+        model = FlowModel(model)
+        loss_fn = flow_loss(conditional=conditional, label_dropout=dropout, null_label=model_config.num_classes)
+    else:
+        loss_fn = diffusion_loss(
+            schedule, conditional=conditional, label_dropout=dropout, null_label=model_config.num_classes
+        )
     metadata = {
         "model_config": model_config.to_dict(),
         "schedule": {"name": schedule_name, "num_steps": num_timesteps},
@@ -76,6 +92,7 @@ def train_diffusion(
         "image_shape": list(dataset.image_shape),
         "class_names": list(dataset.class_names),
         "conditional": conditional,
+        "objective": objective,
         **(extra_metadata or {}),
     }
     return train(model, dataset, loss_fn, train_config, run_dir=run_dir, callback=callback, metadata=metadata)
@@ -87,9 +104,9 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> L
 
 
 def load_shipped_model(device: str | torch.device | None = None, conditional: bool = False) -> LoadedRun:
-    """A small U-Net trained on the built-in digits that ships with coursekit (notebooks 04-08).
+    """A small U-Net trained on the built-in digits that ships with coursekit (notebooks 04-09).
 
-    ``conditional=True`` gives the one trained with class labels and label dropout (notebook 06).
+    ``conditional=True`` gives the one trained with class labels and label dropout (notebook 07).
     Made by ``python tools/make_shipped_checkpoint.py [--conditional]``; for learners who skip training.
     """
     return _load_model(SHIPPED_CONDITIONAL_CHECKPOINT if conditional else SHIPPED_CHECKPOINT, device)
@@ -109,6 +126,8 @@ def _load_model(path: Path, device: str | torch.device | None) -> LoadedRun:
         }
     )
     model = UNet(config)
+    if metadata.get("objective", "eps") == "flow":
+        model = FlowModel(model)
     load_model_weights(
         model, {name: t.float() if t.is_floating_point() else t for name, t in payload["ema"].items()}, path
     )
@@ -144,19 +163,19 @@ def generate(
     ``frames > 0`` keeps about that many snapshots of the first batch's trajectory (for a GIF).
     ``num_steps`` reaches every sampler (None: the sampler's own default, which for DDPM is every
     step), ``eta`` DDIM only. ``clip_x0`` keeps the x0 guesses and the results in the image range
-    [-1, 1]; turn it off for latent codes (notebook 07), which live outside that range.
+    [-1, 1]; turn it off for latent codes (notebook 08), which live outside that range.
     """
     if count < 1:
         raise ValueError(f"count must be positive, got {count}")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    steps_function = get_sampler(sampler)
+    is_flow = check_sampler_fits(model, sampler)
     options = {"num_steps": num_steps} if num_steps is not None else {}
     if eta is not None:
         if sampler != "ddim":
             raise ValueError(f"eta is DDIM's option; the {sampler!r} sampler has none")
         options["eta"] = eta
-    total_steps = len(planned_timesteps(sampler, schedule, num_steps))
+    total_steps = count_sampling_steps(sampler, schedule, num_steps)
     keep_every = max(1, total_steps // frames) if frames else 0
     images, snapshots = [], []
     bar = tqdm(total=count, desc=f"sampling ({sampler})", unit="img", disable=not progress)
@@ -169,7 +188,10 @@ def generate(
             predictor = with_guidance(model, labels, guidance_scale)
         if start == 0 and frames:
             snapshots.append(x_T.cpu())
-        steps = steps_function(predictor, schedule, x_T, generator=generator, clip_x0=clip_x0, **options)
+        if is_flow:  # a flow sampler needs no schedule: its time runs from 1 to 0
+            steps = FLOW_SAMPLERS[sampler](predictor, x_T, generator=generator, clip_x0=clip_x0, **options)
+        else:
+            steps = get_sampler(sampler)(predictor, schedule, x_T, generator=generator, clip_x0=clip_x0, **options)
         for index, step in enumerate(steps):
             is_last = index + 1 == total_steps
             if start == 0 and frames and ((index + 1) % keep_every == 0 or is_last):
@@ -178,3 +200,31 @@ def generate(
         bar.update(size)
     bar.close()
     return torch.cat(images), snapshots
+
+
+def default_sampler(model) -> str:
+    """The sampler ``coursekit sample`` uses when none is named: DDIM, or Euler for a flow-matching model."""
+    return "euler" if isinstance(model, FlowModel) else "ddim"
+
+
+def count_sampling_steps(sampler: str, schedule: NoiseSchedule, num_steps: int | None = None) -> int:
+    """How many steps ``sampler`` takes with ``num_steps`` (None: its default)."""
+    if sampler in FLOW_SAMPLERS:
+        return len(time_grid(num_steps or FLOW_DEFAULT_NUM_STEPS[sampler])) - 1
+    return len(planned_timesteps(sampler, schedule, num_steps))
+
+
+def check_sampler_fits(model, sampler: str) -> bool:
+    """Refuse a sampler that cannot read this model's output; returns whether it is a flow sampler."""
+    is_flow_model, is_flow_sampler = isinstance(model, FlowModel), sampler in FLOW_SAMPLERS
+    if is_flow_model and not is_flow_sampler:
+        raise ValueError(
+            f"this model learned a flow-matching velocity: sample it with {' or '.join(FLOW_SAMPLERS)}, not {sampler!r}"
+        )
+    if is_flow_sampler and not is_flow_model:
+        raise ValueError(
+            f"{sampler!r} samples flow-matching models; this one predicts noise: use ddpm, ddim or dpm++2m"
+        )
+    if not is_flow_sampler and sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS) + sorted(FLOW_SAMPLERS)}")
+    return is_flow_sampler

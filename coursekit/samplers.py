@@ -217,6 +217,8 @@ def dpm_solver_steps(
 
     The first step has no previous guess and the last one jumps to the clean image (sigma = 0, h
     infinite), so both use ``D = x0_pred``: the first-order update, which is exactly DDIM with eta = 0.
+    On a zero-terminal-SNR schedule the first step starts at alpha = 0 (h infinite): first order too,
+    and so is the step after it, whose previous step has no finite length.
     ``num_steps`` model calls over the same timesteps as :func:`ddim_steps`; ``generator`` is unused
     (the solver is deterministic) and accepted so that every sampler has one signature.
     ``clip_x0`` as in :func:`ddpm_steps` (on by default for image batches).
@@ -235,8 +237,9 @@ def dpm_solver_steps(
             x = x0_pred  # sigma_next = 0: the first-order update lands on the x0 guess
         else:
             alpha_next, sigma_next = _alpha_sigma(schedule, following)
-            h = math.log(alpha_next / sigma_next) - math.log(alpha / sigma)  # lambda_next - lambda
-            if previous_x0_pred is None:
+            # lambda_next - lambda; infinite from a zero-terminal-SNR start (alpha = 0), where e^-h = 0
+            h = math.log(alpha_next / sigma_next) - math.log(alpha / sigma) if alpha > 0 else math.inf
+            if previous_x0_pred is None or math.isinf(previous_h):
                 direction = x0_pred  # first order (DPM-Solver++ Eq. 9): the DDIM step
             else:
                 r = previous_h / h
@@ -338,7 +341,7 @@ def resolve_clip(clip_x0: bool | None, x: torch.Tensor) -> bool:
     DPM-Solver++ then carry that guess to the end. Clipping keeps the guess an image
     (diffusers' schedulers clip by default for the same reason).
 
-    Data that does not live in [-1, 1] must say so: latent codes (notebook 07) pass
+    Data that does not live in [-1, 1] must say so: latent codes (notebook 08) pass
     ``clip_x0=False``; for other shapes (2-D points, test vectors) there is no safe default, and the
     sampler asks for ``clip_x0=True`` or ``False``.
     """

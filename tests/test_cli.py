@@ -167,4 +167,4 @@ def test_evaluate_refuses_a_run_without_a_checkpoint_and_an_unknown_dataset_or_s
     assert main(["evaluate", "--real", "--dataset", "imagenet"]) == 2
     assert "unknown dataset" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse names the choices
-        main(["evaluate", "--sampler", "euler"])
+        main(["evaluate", "--sampler", "rk4"])

@@ -4,7 +4,7 @@ Read in this order; the trust boundary between a submission's code and the grade
 
 - ``engine``: questions, results and comparisons; ``check()`` and ``learner_or_reference()`` for the
   notebooks (``coursekit.checks`` re-exports them for the exercise notebooks).
-- ``bank_part1`` (exercises 01-04) and ``bank_part2`` (05-08): each question's reference, cases and hint.
+- ``bank_part1`` (exercises 01-04) and ``bank_part2`` (05-09): each question's reference, cases and hint.
 - ``authoring``: exercise notebooks generated from solution notebooks.
 - ``screen`` (grader side): which cells of a submission run at all, and which answers need a human look.
 - ``sandbox`` (grader side): the process a submission runs in, its OS limits and bubblewrap isolation.

@@ -1,7 +1,9 @@
-"""Question bank, part two: the exercises of notebooks 05-08 (fewer steps, control, latents, editing).
+"""Question bank, part two: the exercises of notebooks 05-09 (fewer steps, flow matching, control, latents,
+editing).
 
 As in part one, each exercise asks for a variation on what its notebook shows (a stochastic DDIM step,
-the solver written for a noise prediction, conditions dropped whole, two guidance directions at once,
+the solver written for a noise prediction, a path with a floor of noise, a diffusion sample read as a
+flow sample, conditions dropped whole, two guidance directions at once,
 a strength per image), so that the notebook's worked cells do not answer it. References first, then
 the cases they are tried on, the mistakes learners make, and the questions.
 """
@@ -230,7 +232,293 @@ register(
 )
 
 
-# ============================================================================= 06: control
+# ============================================================================= 06: flow matching
+
+
+def reference_path_and_velocity(x0, noise, s, sigma_min):
+    s = per_example(s, x0)
+    x_s = (1 - s) * x0 + (sigma_min + (1 - sigma_min) * s) * noise  # Lipman et al. Eq. 20, time reversed
+    return x_s, (1 - sigma_min) * noise - x0  # its derivative in s
+
+
+def _path_ignoring_sigma_min_in_the_velocity(x0, noise, s, sigma_min):
+    x_s, _ = reference_path_and_velocity(x0, noise, s, sigma_min)
+    return x_s, noise - x0
+
+
+def _path_without_sigma_min(x0, noise, s, sigma_min):
+    return reference_path_and_velocity(x0, noise, s, 0.0)
+
+
+def _velocity_backwards(x0, noise, s, sigma_min):
+    x_s, velocity = reference_path_and_velocity(x0, noise, s, sigma_min)
+    return x_s, -velocity
+
+
+def _path_with_s_unreshaped(x0, noise, s, sigma_min):
+    x_s = (1 - s) * x0 + (sigma_min + (1 - sigma_min) * s) * noise  # s (B,) meets x0's last axis
+    return x_s, (1 - sigma_min) * noise - x0
+
+
+def _cases_path_and_velocity() -> list[dict]:
+    generator = seeded_generator(60)
+    return [
+        {
+            "x0": torch.randn(5, 2, generator=generator, dtype=torch.float64),
+            "noise": torch.randn(5, 2, generator=generator, dtype=torch.float64),
+            "s": torch.tensor([0.0, 0.25, 0.5, 0.9, 1.0], dtype=torch.float64),
+            "sigma_min": 0.0,
+            "label": "5 float64 points, sigma_min = 0 (the course's path), s = 0 and 1 among them",
+        },
+        {
+            "x0": torch.rand(4, 1, 4, 4, generator=generator) * 2 - 1,
+            "noise": torch.randn(4, 1, 4, 4, generator=generator),
+            "s": torch.tensor([0.1, 0.4, 0.6, 1.0]),
+            "sigma_min": 0.01,
+            "label": "4 images of 4x4, sigma_min = 0.01",
+        },
+        {
+            "x0": torch.rand(3, 3, 2, 5, generator=generator) * 2 - 1,
+            "noise": torch.randn(3, 3, 2, 5, generator=generator),
+            "s": torch.tensor([0.0, 0.3, 0.8]),
+            "sigma_min": 0.1,
+            "label": "3 RGB images of 2x5, sigma_min = 0.1",
+        },
+    ]
+
+
+def reference_euler_step(model, x, s, s_next):
+    times = torch.full((x.shape[0],), s, dtype=x.dtype)
+    return x + (s_next - s) * model(x, times)  # dx/ds = u(x, s), one step of size s_next - s
+
+
+def _euler_with(sign=1.0, at_next=False, time_scale=1.0, plain_float=False):
+    def step(model, x, s, s_next):
+        times = torch.full((x.shape[0],), (s_next if at_next else s) * time_scale, dtype=x.dtype)
+        return x + sign * (s_next - s) * model(x, s if plain_float else times)
+
+    return step
+
+
+def _velocity_model(case: dict):
+    from coursekit.flow import GaussianVelocityOracle
+
+    oracle = GaussianVelocityOracle(case["data_mean"], case["data_std"])
+
+    def model(x, s):
+        if not isinstance(s, torch.Tensor) or tuple(s.shape) != (x.shape[0],):
+            shown = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+            raise TypeError(f"the model takes s as a tensor of shape (B,) = ({x.shape[0]},), got {shown}")
+        return oracle(x, s)
+
+    return model
+
+
+def _cases_euler_step() -> list[dict]:
+    generator = seeded_generator(61)
+    return [
+        {
+            "data_mean": torch.tensor(0.3, dtype=torch.float64),
+            "data_std": torch.tensor(0.5, dtype=torch.float64),
+            "x": torch.randn(3, 1, 4, 4, generator=generator),
+            "s": 1.0,
+            "s_next": 0.75,
+            "label": "3 images, the first step back from pure noise (s = 1 to 0.75)",
+        },
+        {
+            "data_mean": torch.tensor([0.5, -1.0], dtype=torch.float64),
+            "data_std": torch.tensor([0.3, 1.5], dtype=torch.float64),
+            "x": torch.randn(6, 2, generator=generator, dtype=torch.float64),
+            "s": 0.2,
+            "s_next": 0.5,
+            "label": "6 float64 points, a step forwards (s = 0.2 to 0.5), from data towards noise",
+        },
+        {
+            "data_mean": torch.tensor(-0.2, dtype=torch.float64),
+            "data_std": torch.tensor(0.8, dtype=torch.float64),
+            "x": torch.randn(2, 3, 2, 2, generator=generator),
+            "s": 0.125,
+            "s_next": 0.0,
+            "label": "2 RGB images, the last step (s = 0.125 to 0)",
+        },
+    ]
+
+
+def reference_to_flow(x_t, eps, alpha_bar):
+    alpha, sigma = (alpha_bar**0.5).to(x_t.dtype), ((1 - alpha_bar) ** 0.5).to(x_t.dtype)
+    s = sigma / (alpha + sigma)  # where x_t / (alpha + sigma) sits on the straight path
+    x0_pred = (x_t - per_example(sigma, x_t) * eps) / per_example(alpha, x_t)  # DDPM Eq. 15
+    return x_t / per_example(alpha + sigma, x_t), s, eps - x0_pred
+
+
+def _to_flow_with(s_rule=None, rescale=True, velocity=None, keep_float64=False):
+    def convert(x_t, eps, alpha_bar):
+        dtype = torch.float64 if keep_float64 else x_t.dtype
+        alpha, sigma = (alpha_bar**0.5).to(dtype), ((1 - alpha_bar) ** 0.5).to(dtype)
+        s = s_rule(alpha_bar).to(dtype) if s_rule else sigma / (alpha + sigma)
+        x0_pred = (x_t - per_example(sigma, x_t) * eps) / per_example(alpha, x_t)
+        x_s = x_t / per_example(alpha + sigma, x_t) if rescale else x_t
+        u = velocity(x_t, eps, x0_pred) if velocity else eps - x0_pred
+        return x_s.to(dtype), s, u.to(dtype)
+
+    return convert
+
+
+def _cases_to_flow() -> list[dict]:
+    generator = seeded_generator(62)
+    alpha_bar = make_schedule("cosine", 1000).alpha_bar
+    return [
+        {
+            "x_t": torch.randn(3, 1, 4, 4, generator=generator),
+            "eps": torch.randn(3, 1, 4, 4, generator=generator),
+            "alpha_bar": alpha_bar[torch.tensor([10, 500, 990])],
+            "label": "3 float32 images at t = 10, 500 and 990 (alpha_bar in float64)",
+        },
+        {
+            "x_t": torch.randn(4, 2, generator=generator, dtype=torch.float64),
+            "eps": torch.randn(4, 2, generator=generator, dtype=torch.float64),
+            "alpha_bar": torch.tensor([0.99, 0.5, 0.5, 0.01], dtype=torch.float64),
+            "label": "4 float64 points, alpha_bar = 0.99, 0.5, 0.5, 0.01",
+        },
+        {
+            "x_t": torch.randn(2, 3, 2, 2, generator=generator),
+            "eps": torch.randn(2, 3, 2, 2, generator=generator),
+            "alpha_bar": torch.tensor([0.9, 0.2], dtype=torch.float64),
+            "label": "2 RGB images, alpha_bar = 0.9 and 0.2",
+        },
+    ]
+
+
+def _compare_parts(*names):
+    def compare(got, expected, case) -> None:
+        if not isinstance(got, (tuple, list)) or len(got) != len(names):
+            raise Mismatch(f"expected a tuple of {len(names)} ({', '.join(names)}), got {type(got).__name__}")
+        for part, mine, reference in zip(names, got, expected):
+            compare_tensors(mine, reference, {**case, "part": part})
+
+    return compare
+
+
+register(
+    Question(
+        "06.q1",
+        3,
+        "path_and_velocity",
+        reference_path_and_velocity,
+        _cases_path_and_velocity,
+        lambda f, c: f(c["x0"], c["noise"], c["s"], c["sigma_min"]),
+        "the velocity is the derivative of the path with respect to s: differentiate each coefficient",
+        "s per example, reshaped to (B, 1, ...); x_s = (1 - s) x0 + (sigma_min + (1 - sigma_min) s) noise; "
+        "velocity = (1 - sigma_min) noise - x0; return (x_s, velocity)",
+        mistakes=[
+            Mistake(
+                "the noise's coefficient is sigma_min + (1 - sigma_min) s: its derivative is 1 - sigma_min, "
+                "so the velocity's noise term is scaled too",
+                _path_ignoring_sigma_min_in_the_velocity,
+            ),
+            Mistake(
+                "sigma_min is missing: even at s = 0 the path keeps sigma_min of the noise", _path_without_sigma_min
+            ),
+            Mistake(
+                "the velocity is d x_s / ds, pointing from the data towards the noise as s grows: the sign is "
+                "backwards",
+                _velocity_backwards,
+            ),
+            Mistake(
+                "s has one value per example, shape (B,): reshape it to (B, 1, ...) before multiplying, or it "
+                "meets the last axis",
+                _path_with_s_unreshaped,
+            ),
+        ],
+        forbidden={"flow_path", "velocity_target", "per_example"},
+        compare=_compare_parts("x_s", "velocity"),
+    )
+)
+register(
+    Question(
+        "06.q2",
+        3,
+        "euler_step",
+        reference_euler_step,
+        _cases_euler_step,
+        lambda f, c: f(_velocity_model(c), c["x"], c["s"], c["s_next"]),
+        "Euler follows the velocity at the start of the step for the length of the step, signed: the same "
+        "line must also run forwards (s_next > s)",
+        "times = torch.full((B,), s, dtype=x.dtype); return x + (s_next - s) * model(x, times)",
+        mistakes=[
+            Mistake(
+                "the step is x + (s_next - s) u, in both directions: going back in time (s_next < s) the "
+                "signed step already subtracts; your sign is flipped",
+                _euler_with(sign=-1.0),
+            ),
+            Mistake(
+                "Euler's method reads the velocity where the step starts, at s, not at s_next",
+                _euler_with(at_next=True),
+            ),
+            Mistake(
+                "this model reads s in [0, 1]; the x1000 for the U-Net's timesteps is FlowModel's job",
+                _euler_with(time_scale=1000.0),
+            ),
+            Mistake(
+                "the model takes s as a tensor of shape (B,), one time per example: torch.full((B,), s, dtype=x.dtype)",
+                _euler_with(plain_float=True),
+            ),
+        ],
+        forbidden={"euler_steps", "euler_sample", "heun_steps", "heun_sample"},
+    )
+)
+register(
+    Question(
+        "06.q3",
+        3,
+        "to_flow",
+        reference_to_flow,
+        _cases_to_flow,
+        lambda f, c: f(c["x_t"], c["eps"], c["alpha_bar"]),
+        "divide x_t = alpha x0 + sigma eps by alpha + sigma: which s makes it (1 - s) x0 + s eps? And the "
+        "velocity is eps minus the clean-image guess",
+        "alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar) (in x_t's dtype); s = sigma / (alpha + sigma); "
+        "x_s = x_t / (alpha + sigma); x0_pred = (x_t - sigma eps) / alpha; velocity = eps - x0_pred (alpha, sigma "
+        "reshaped to (B, 1, ...) against x_t); return (x_s, s, velocity)",
+        mistakes=[
+            Mistake(
+                "s is sigma's share of alpha + sigma, not sigma itself: only then do the path's two weights add "
+                "up to 1",
+                _to_flow_with(s_rule=lambda a: (1 - a) ** 0.5),
+            ),
+            Mistake("s is sigma / (alpha + sigma), not 1 - alpha_bar", _to_flow_with(s_rule=lambda a: 1 - a)),
+            Mistake(
+                "x_t itself is not on the straight path: divide it by alpha + sigma first",
+                _to_flow_with(rescale=False),
+            ),
+            Mistake(
+                "the velocity is d x_s / ds = eps - x0, pointing towards the noise: the sign is backwards",
+                _to_flow_with(velocity=lambda x_t, eps, x0: x0 - eps),
+            ),
+            Mistake(
+                "the velocity needs the clean-image guess x0 = (x_t - sigma eps) / alpha, not x_t",
+                _to_flow_with(velocity=lambda x_t, eps, x0: eps - x_t),
+            ),
+            Mistake(
+                "alpha_bar is float64: convert alpha and sigma to x_t's dtype, so the results keep it",
+                _to_flow_with(keep_float64=True),
+            ),
+        ],
+        forbidden={"x0_and_eps", "predict_x0", "read_output", "per_example"},
+        compare=_compare_parts("x_s", "s", "velocity"),
+    )
+)
+register(
+    Written(
+        "06.q4",
+        2,
+        "Every training path of flow matching is a straight line, yet the learned flow is not perfectly "
+        "straight. Say why, and say what your measured table shows about few steps for the straighter paths.",
+    )
+)
+
+
+# ============================================================================= 07: control
 
 
 def reference_drop_conditions(conditions, probability, generator):
@@ -354,7 +642,7 @@ def _call_composed_noise(implementation, case):
 
 register(
     Question(
-        "06.q1",
+        "07.q1",
         3,
         "drop_conditions",
         reference_drop_conditions,
@@ -383,7 +671,7 @@ register(
 )
 register(
     Question(
-        "06.q2",
+        "07.q2",
         3,
         "composed_noise",
         reference_composed_noise,
@@ -410,7 +698,7 @@ register(
 )
 register(
     Written(
-        "06.q3",
+        "07.q3",
         2,
         "In the figure of the notebook, raise the guidance scale from 1 to 7: what happens to the digits, and "
         "what is the price? Explain it with the formula of guidance.",
@@ -418,7 +706,7 @@ register(
 )
 
 
-# ============================================================================= 07: latent diffusion
+# ============================================================================= 08: latent diffusion
 
 
 def reference_reconstruction_loss(autoencoder, images, latent_noise, generator):
@@ -546,7 +834,7 @@ def _scale_as_a_tensor(latents):
 
 register(
     Question(
-        "07.q1",
+        "08.q1",
         3,
         "reconstruction_loss",
         reference_reconstruction_loss,
@@ -570,7 +858,7 @@ register(
 )
 register(
     Question(
-        "07.q2",
+        "08.q2",
         2,
         "scale_latents",
         reference_scale_latents,
@@ -594,7 +882,7 @@ register(
 )
 register(
     Question(
-        "07.q3",
+        "08.q3",
         2,
         "latents_to_images",
         reference_latents_to_images,
@@ -625,7 +913,7 @@ register(
 )
 register(
     Written(
-        "07.q4",
+        "08.q4",
         2,
         "Diffusion on the autoencoder's codes is faster than on the pixels. Where does the time go, and what "
         "do the generated images lose in exchange?",
@@ -633,7 +921,7 @@ register(
 )
 
 
-# ============================================================================= 08: editing
+# ============================================================================= 09: editing
 
 
 def reference_edit_start(images, strengths, alpha_bar, noise):
@@ -744,7 +1032,7 @@ def _merge_without_reshaping(x_generated, images, mask, alpha_bar_t, noise):
 
 register(
     Question(
-        "08.q1",
+        "09.q1",
         2,
         "edit_start",
         reference_edit_start,
@@ -775,7 +1063,7 @@ register(
 )
 register(
     Question(
-        "08.q2",
+        "09.q2",
         3,
         "merge_known",
         reference_merge_known,
@@ -801,7 +1089,7 @@ register(
 )
 register(
     Written(
-        "08.q3",
+        "09.q3",
         2,
         "An edit of strength 0.2 and one of strength 0.8 start from the same photo. Which keeps more of it, "
         "which gives the model more freedom, and why?",
