@@ -68,7 +68,8 @@ class TimeEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(self.frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(sinusoidal_embedding(t, self.frequency_dim))
+        features = sinusoidal_embedding(t, self.frequency_dim)  # float32, whatever t's type
+        return self.mlp(features.to(self.mlp[0].weight.dtype))  # a float64 (or half) U-Net works too
 
 
 class ResidualBlock(nn.Module):

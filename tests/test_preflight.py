@@ -53,6 +53,9 @@ def test_estimates_scale_with_speed_and_respect_time_budgets():
     assert fast["03_training"] < 1
     fast_cpu, _ = preflight.estimate_minutes(0.005, 1e-6, device_type="mps")
     assert fast_cpu["03_training"] == pytest.approx(4, abs=0.05)  # the budget, plus seconds of the rest
+    # 06 trains two models for the same minutes everywhere: even a fast GPU waits its whole budget
+    assert fast["06_flow_matching"] == pytest.approx(10, abs=0.1)  # the budget, plus seconds of the rest
+    assert slow["06_flow_matching"] == pytest.approx(4 * reference["06_flow_matching"].scaled_seconds / 60 + 10)
 
 
 def test_a_full_disk_is_reported_with_what_to_do(monkeypatch, capsys):

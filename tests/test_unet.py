@@ -114,3 +114,15 @@ def test_a_condition_vector_stands_in_for_the_label_lookup():
         model(x_t, t, class_labels=labels, condition=vectors)
     with pytest.raises(ValueError, match="unconditional"):
         UNet(base_channels=8)(x_t, t, condition=torch.zeros(2, 32))
+
+
+def test_a_float64_unet_runs_and_agrees_with_float32():
+    torch.manual_seed(0)
+    model = UNet(base_channels=8)
+    x = torch.randn(2, 1, 16, 16)
+    t = torch.tensor([3, 900])
+    with torch.no_grad():
+        single = model(x, t)
+        double = model.double()(x.double(), t)
+    assert double.dtype == torch.float64
+    assert torch.allclose(double.float(), single, atol=1e-5)

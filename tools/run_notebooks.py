@@ -2,14 +2,19 @@
 
     python tools/run_notebooks.py                      # full settings: the outputs we commit
     python tools/run_notebooks.py --quick notebooks/01_forward_process.ipynb
+    python tools/run_notebooks.py --shrink-only notebooks/*.ipynb solutions/*.ipynb   # figures only, no run
 
 After running, each notebook is cleaned: widget state and any metadata beyond the kernel's name are
-removed, so a committed notebook carries only outputs that teach. The run time of each is printed.
+removed, so a committed notebook carries only outputs that teach, and each figure is stored with at most
+256 colours (plots and grey digits look the same, at about a third of the bytes). The run time of each
+is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import os
 import sys
 import time
@@ -28,6 +33,30 @@ def clean(notebook) -> None:
     notebook.metadata["language_info"] = {"name": "python"}
     for cell in notebook.cells:
         cell.metadata = {key: value for key, value in cell.metadata.items() if key == "tags"}
+
+
+def shrink_figures(notebook) -> int:
+    """Re-encode each stored PNG with a palette of at most 256 colours where that is smaller; returns bytes saved."""
+    from PIL import Image
+
+    saved = 0
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if "image/png" not in data:
+                continue
+            raw = base64.b64decode(data["image/png"])
+            image = Image.open(io.BytesIO(raw))
+            if image.mode == "P":
+                continue  # already a palette image
+            buffer = io.BytesIO()
+            image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(
+                buffer, "PNG", optimize=True
+            )
+            if len(buffer.getvalue()) < len(raw):
+                data["image/png"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+                saved += len(raw) - len(buffer.getvalue())
+    return saved
 
 
 def run(path: Path, quick: bool, timeout: int) -> float:
@@ -50,6 +79,7 @@ def run(path: Path, quick: bool, timeout: int) -> float:
         os.environ.update(previous)
     seconds = time.perf_counter() - start
     clean(notebook)
+    shrink_figures(notebook)
     nbformat.write(notebook, path)
     return seconds
 
@@ -59,8 +89,16 @@ def main() -> int:
     parser.add_argument("notebooks", nargs="*", type=Path)
     parser.add_argument("--quick", action="store_true", help="QUICK mode (the tests' tiny settings)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    parser.add_argument("--shrink-only", action="store_true", help="only re-encode the stored figures; run nothing")
     args = parser.parse_args()
     paths = args.notebooks or sorted((ROOT / "notebooks").glob("*.ipynb"))
+    if args.shrink_only:
+        for path in paths:
+            notebook = nbformat.read(path, as_version=4)
+            saved = shrink_figures(notebook)
+            nbformat.write(notebook, path)
+            print(f"{path.name}: {saved / 1000:.0f} kB smaller", flush=True)
+        return 0
     for path in paths:
         seconds = run(path, args.quick, args.timeout)
         print(f"{path.name}: {seconds:.0f} s ({'quick' if args.quick else 'full'})", flush=True)
