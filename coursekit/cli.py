@@ -352,11 +352,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_sample(args: argparse.Namespace) -> int:
     from coursekit.plots import save_animation, save_image_grid
-    from coursekit.runs import check_sampler_fits, default_sampler, generate, load_run
+    from coursekit.runs import generate, load_run
 
     run = load_run(args.run, device=args.device)
-    sampler = args.sampler or default_sampler(run.model)
-    check_sampler_fits(run.model, sampler)
+    options = run.sampling_options(args.sampler, args.steps)  # refuses what this run cannot do
     labels = None
     if args.class_label is not None:
         num_classes = run.model.config.num_classes
@@ -372,8 +371,7 @@ def run_sample(args: argparse.Namespace) -> int:
         run.schedule,
         tuple(run.metadata["image_shape"]),
         args.count,
-        sampler=sampler,
-        num_steps=args.steps,
+        **options,
         eta=args.eta,
         class_labels=labels,
         guidance_scale=args.guidance_scale,
@@ -443,12 +441,10 @@ def _evaluate(
 ) -> dict:
     """Score a run's samples (or, with ``real_dataset``, held-out real images); returns the JSON record."""
     from coursekit.quality import CACHE_VARIABLE, MIN_SAMPLES, Yardstick, split_real_images
-    from coursekit.runs import check_sampler_fits, count_sampling_steps, default_sampler, generate, load_run
+    from coursekit.runs import count_sampling_steps, generate, load_run
 
     run = None if real_dataset else load_run(run_dir, device=device)
-    if run is not None:
-        sampler = sampler or default_sampler(run.model)
-        check_sampler_fits(run.model, sampler)  # before the classifier is trained
+    options = run.sampling_options(sampler, steps) if run is not None else {}  # checked before any work
     name = real_dataset or run.metadata["dataset"]
     splits = split_real_images(name, root=data_root)
     count = splits.max_samples if samples is None else samples
@@ -467,13 +463,15 @@ def _evaluate(
     else:
         images, _ = generate(
             run.model, run.schedule, tuple(run.metadata["image_shape"]), count,
-            sampler=sampler, num_steps=steps, eta=eta, seed=seed, progress=not quiet,
+            **options, eta=eta, seed=seed, progress=not quiet,
         )  # fmt: skip
         report = yardstick.score(images)
         record = {
             **report.to_dict(),
-            "sampler": sampler,
-            "steps": count_sampling_steps(sampler, run.schedule, steps),
+            "sampler": options["sampler"],
+            "steps": len(options["timesteps"])
+            if "timesteps" in options
+            else count_sampling_steps(options["sampler"], run.schedule, steps),
             "training_steps": run.step,
         }
         (Path(run_dir) / "quality.json").write_text(json.dumps(record, indent=2))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -157,12 +158,17 @@ def progressive_distillation(
     student_prediction: str = "v",
     clip_x0: bool = False,
     first_student: nn.Module | None = None,
+    run_dir: str | Path | None = None,
+    metadata: dict | None = None,
 ) -> Iterator[Round]:
     """Halve the teacher's DDIM steps again and again down to ``final_steps``, one :class:`Round` each.
 
     Each student starts as a copy of the model before it (the first as a copy of ``teacher``, or
     ``first_student`` when the teacher is no trainable network, e.g. an oracle) and trains with
     ``train_config`` (the same budget every round); after its round it is the teacher.
+    With ``run_dir``, each round is a run folder ``run_dir/NN-steps`` (``metadata`` and the student's
+    prediction and timesteps in its checkpoint, so :func:`coursekit.runs.load_run` reads it back), and
+    distilling again resumes: finished rounds are read, not trained again.
     """
     grids = halving_grids(schedule.num_steps, teacher_steps)
     current, prediction = teacher, teacher_prediction
@@ -174,6 +180,14 @@ def progressive_distillation(
         student = copy.deepcopy(first_student if index == 0 and first_student is not None else current)
         student.train().requires_grad_(True)  # a copy of the EMA weights, which are not trained directly
         loss_fn = distillation_loss(current, schedule, teacher_grid, prediction, student_prediction, clip_x0)
-        state = train(student, data, loss_fn, train_config or TrainConfig(progress=False))
+        round_dir = Path(run_dir) / f"{len(student_grid):02d}-steps" if run_dir is not None else None
+        round_metadata = {
+            **(metadata or {}),
+            "prediction": student_prediction,
+            "sampling_timesteps": student_grid,
+            "distilled_from_steps": len(teacher_grid),
+        }
+        config = train_config or TrainConfig(progress=False)
+        state = train(student, data, loss_fn, config, run_dir=round_dir, metadata=round_metadata)
         current, prediction = state.ema_model.eval(), student_prediction
         yield Round(len(student_grid), student_grid, current, state)

@@ -44,6 +44,31 @@ class LoadedRun:
         flow-matching velocity, sampled by euler or heun)."""
         return self.metadata.get("objective", "eps")
 
+    @property
+    def prediction(self) -> str:
+        """What a diffusion model outputs: "eps" (the noise; the default), "x0" or "v" (distilled students)."""
+        return self.metadata.get("prediction", "eps")
+
+    @property
+    def sampling_timesteps(self) -> list[int] | None:
+        """A distilled student's own DDIM timesteps (it was trained for exactly these), else None."""
+        return self.metadata.get("sampling_timesteps")
+
+    def sampling_options(self, sampler: str | None = None, num_steps: int | None = None) -> dict:
+        """The keywords of :func:`generate` that this run needs: its sampler, and for a distilled student
+        its prediction and timesteps. Refuses, with what to do instead, what the run cannot do."""
+        sampler = sampler or default_sampler(self.model)
+        check_sampler_fits(self.model, sampler)
+        if self.sampling_timesteps is None:
+            return {"sampler": sampler, "num_steps": num_steps, "prediction": self.prediction}
+        count = len(self.sampling_timesteps)
+        if sampler != "ddim" or num_steps not in (None, count):
+            raise ValueError(
+                f"this student was distilled for DDIM with {count} step(s): sample it with --sampler ddim "
+                f"--steps {count}, or load the round distilled for the steps you want"
+            )
+        return {"sampler": "ddim", "timesteps": self.sampling_timesteps, "prediction": self.prediction}
+
 
 def train_diffusion(
     dataset: ImageDataset,
@@ -157,13 +182,17 @@ def generate(
     frames: int = 0,
     clip_x0: bool = True,
     progress: bool = True,
+    prediction: str = "eps",
+    timesteps: list[int] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Draw ``count`` images in batches; returns ``(images on the CPU, frames)``.
 
     ``frames > 0`` keeps about that many snapshots of the first batch's trajectory (for a GIF).
     ``num_steps`` reaches every sampler (None: the sampler's own default, which for DDPM is every
-    step), ``eta`` DDIM only. ``clip_x0`` keeps the x0 guesses and the results in the image range
-    [-1, 1]; turn it off for latent codes (notebook 08), which live outside that range.
+    step), ``eta`` DDIM only; ``timesteps`` (instead of ``num_steps``) and ``prediction`` (what the
+    model outputs) reach the diffusion samplers: a run's ``sampling_options()`` gives all of them.
+    ``clip_x0`` keeps the x0 guesses and the results in the image range [-1, 1]; turn it off for
+    latent codes (notebook 08), which live outside that range.
     """
     if count < 1:
         raise ValueError(f"count must be positive, got {count}")
@@ -171,11 +200,15 @@ def generate(
     generator = torch.Generator().manual_seed(seed)
     is_flow = check_sampler_fits(model, sampler)
     options = {"num_steps": num_steps} if num_steps is not None else {}
+    if timesteps is not None or prediction != "eps":
+        if is_flow:
+            raise ValueError("timesteps and prediction belong to the diffusion samplers; flow samplers take num_steps")
+        options.update({"prediction": prediction} | ({"timesteps": list(timesteps)} if timesteps is not None else {}))
     if eta is not None:
         if sampler != "ddim":
             raise ValueError(f"eta is DDIM's option; the {sampler!r} sampler has none")
         options["eta"] = eta
-    total_steps = count_sampling_steps(sampler, schedule, num_steps)
+    total_steps = len(timesteps) if timesteps is not None else count_sampling_steps(sampler, schedule, num_steps)
     keep_every = max(1, total_steps // frames) if frames else 0
     images, snapshots = [], []
     bar = tqdm(total=count, desc=f"sampling ({sampler})", unit="img", disable=not progress)
@@ -200,6 +233,32 @@ def generate(
         bar.update(size)
     bar.close()
     return torch.cat(images), snapshots
+
+
+def distill_run(
+    run: LoadedRun,
+    out_dir: str | Path,
+    teacher_steps: int = 64,
+    final_steps: int = 1,
+    train_config: TrainConfig | None = None,
+    dataset: ImageDataset | None = None,
+):
+    """Progressive distillation of a trained noise-predicting run (:mod:`coursekit.distill`): one run
+    folder per round, ``out_dir/32-steps`` ... ``out_dir/01-steps``, each sampled with
+    ``coursekit sample --run out_dir/01-steps --steps 1``. Yields each :class:`coursekit.distill.Round`."""
+    from coursekit.data import load_dataset
+    from coursekit.distill import progressive_distillation
+
+    if run.objective != "eps" or run.prediction != "eps":
+        raise ValueError("distill_run distils a noise-predicting run (objective 'eps'); this one is not")
+    if run.metadata.get("conditional"):
+        raise ValueError("distill_run distils unconditional runs; this one was trained with class labels")
+    dataset = dataset or load_dataset(run.metadata["dataset"])
+    metadata = {key: value for key, value in run.metadata.items() if key not in ("prediction", "sampling_timesteps")}
+    yield from progressive_distillation(
+        run.model, dataset, run.schedule, teacher_steps, final_steps, train_config,
+        clip_x0=True, run_dir=out_dir, metadata=metadata,
+    )  # fmt: skip
 
 
 def default_sampler(model) -> str:

@@ -99,3 +99,30 @@ def test_distilled_students_approach_the_exact_map_with_ever_fewer_steps():
         assert student_error < 1.05 * teacher_error  # as close as the 64-step teacher it learned from
         assert student_error < 0.5 * plain_ddim_error  # far closer than DDIM with as few steps
     assert steps == [32, 16, 8, 4, 2, 1]
+
+
+def test_distilled_rounds_are_run_folders_that_sample_with_their_own_steps(tmp_path, capsys):
+    from coursekit.cli import main
+    from coursekit.data import load_dataset
+    from coursekit.runs import distill_run, generate, load_run, train_diffusion
+    from coursekit.unet import UNetConfig
+
+    digits = load_dataset("digits")
+    tiny = TrainConfig(max_steps=2, batch_size=8, precision="fp32", progress=False)
+    train_diffusion(digits, tmp_path / "teacher", UNetConfig(base_channels=8), num_timesteps=50, train_config=tiny)
+    teacher = load_run(tmp_path / "teacher")
+    rounds = list(distill_run(teacher, tmp_path / "students", teacher_steps=4, train_config=tiny))
+    assert [r.num_steps for r in rounds] == [2, 1]
+    student = load_run(tmp_path / "students" / "01-steps")
+    assert student.prediction == "v" and student.sampling_timesteps == [49]
+    assert student.metadata["distilled_from_steps"] == 2
+    options = student.sampling_options()
+    assert options == {"sampler": "ddim", "timesteps": [49], "prediction": "v"}
+    images, frames = generate(student.model, student.schedule, (1, 16, 16), 3, **options, frames=2, progress=False)
+    assert images.shape == (3, 1, 16, 16) and len(frames) == 2  # the noise, then the one step
+    assert main(["sample", "--run", str(tmp_path / "students" / "01-steps"), "--count", "2", "--steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--run", str(tmp_path / "students" / "01-steps"), "--steps", "4"]) == 2
+    assert "distilled for DDIM with 1 step(s)" in capsys.readouterr().err
+    again = list(distill_run(teacher, tmp_path / "students", teacher_steps=4, train_config=tiny))
+    assert [r.state.step for r in again] == [2, 2]  # finished rounds are read back, not trained again
