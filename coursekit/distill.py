@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coursekit.forward import add_noise
-from coursekit.parameterization import check_prediction, output_for, x0_and_eps
+from coursekit.parameterization import alpha_sigma, check_prediction, output_for, x0_and_eps
 from coursekit.samplers import ddim_timesteps
 from coursekit.schedules import NoiseSchedule
 from coursekit.training import TrainConfig, TrainState, train
@@ -49,11 +49,10 @@ def halving_grids(num_train_steps: int, teacher_steps: int) -> list[list[int]]:
 
 
 def _alpha_sigma(schedule: NoiseSchedule, t: torch.Tensor, like: torch.Tensor):
-    """alpha and sigma per example, shaped (B, 1, ...); ``t = -1`` stands for the clean image (alpha = 1)."""
-    alpha_bar = schedule.alpha_bar.to(like.device)[t.clamp(min=0)].to(like.dtype)
-    alpha_bar = torch.where(t < 0, torch.ones_like(alpha_bar), alpha_bar)
-    shape = (-1, *([1] * (like.dim() - 1)))
-    return alpha_bar.sqrt().view(shape), (1 - alpha_bar).sqrt().view(shape)
+    """:func:`coursekit.parameterization.alpha_sigma`, where ``t = -1`` stands for the clean image (1, 0)."""
+    alpha, sigma = alpha_sigma(schedule, t.clamp(min=0), like)
+    clean = (t < 0).view(alpha.shape).to(alpha.device)
+    return torch.where(clean, torch.ones_like(alpha), alpha), torch.where(clean, torch.zeros_like(sigma), sigma)
 
 
 @torch.no_grad()

@@ -72,20 +72,12 @@ def flow_matching_loss(
 def flow_loss(conditional: bool = False, label_dropout: float = 0.0, null_label: int | None = None):
     """The ``loss_fn(model, batch, generator)`` that :func:`coursekit.training.train` expects, for flow
     matching; labels and label dropout as in :func:`coursekit.losses.diffusion_loss`."""
-    from coursekit.losses import drop_labels
+    from coursekit.losses import training_labels
 
-    if not 0 <= label_dropout < 1:
-        raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}")
-    if conditional and label_dropout > 0 and null_label is None:
-        raise ValueError("label dropout needs the model's null_label (the 'no label' class index)")
+    labels_of = training_labels(conditional, label_dropout, null_label)
 
     def loss_fn(model, batch: tuple, generator: torch.Generator | None = None) -> torch.Tensor:
-        labels = None
-        if conditional:
-            if len(batch) < 2:
-                raise ValueError("conditional training needs (images, labels) batches")
-            labels = drop_labels(batch[1], label_dropout, null_label, generator)
-        return flow_matching_loss(model, batch[0], generator, class_labels=labels)
+        return flow_matching_loss(model, batch[0], generator, class_labels=labels_of(batch, generator))
 
     return loss_fn
 

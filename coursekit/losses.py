@@ -95,23 +95,33 @@ def diffusion_loss(
     model outputs: the noise ("eps"), the clean image ("x0") or the velocity ("v").
     """
     check_prediction(prediction)
+    labels_of = training_labels(conditional, label_dropout, null_label)
+
+    def loss_fn(model: NoisePredictor, batch: tuple, generator: torch.Generator | None = None) -> torch.Tensor:
+        labels = labels_of(batch, generator)
+        return noise_prediction_loss(
+            model, batch[0], schedule, class_labels=labels, generator=generator, prediction=prediction
+        )
+
+    return loss_fn
+
+
+def training_labels(conditional: bool, label_dropout: float, null_label: int | None):
+    """``labels_of(batch, generator)``: a batch's labels with a share ``label_dropout`` set to ``null_label``
+    (None when ``conditional`` is False). Checks the settings once, for every training objective."""
     if not 0 <= label_dropout < 1:
         raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}")
     if conditional and label_dropout > 0 and null_label is None:
         raise ValueError("label dropout needs the model's null_label (the 'no label' class index)")
 
-    def loss_fn(model: NoisePredictor, batch: tuple, generator: torch.Generator | None = None) -> torch.Tensor:
-        images = batch[0]
-        labels = None
-        if conditional:
-            if len(batch) < 2:
-                raise ValueError("conditional training needs (images, labels) batches")
-            labels = drop_labels(batch[1], label_dropout, null_label, generator)
-        return noise_prediction_loss(
-            model, images, schedule, class_labels=labels, generator=generator, prediction=prediction
-        )
+    def labels_of(batch: tuple, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        if not conditional:
+            return None
+        if len(batch) < 2:
+            raise ValueError("conditional training needs (images, labels) batches")
+        return drop_labels(batch[1], label_dropout, null_label, generator)
 
-    return loss_fn
+    return labels_of
 
 
 def drop_labels(
