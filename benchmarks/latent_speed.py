@@ -1,4 +1,4 @@
-"""Latent against pixel space: the cost of a training step and of a sample (notebook 08).
+"""Latent against pixel space: the cost of a training step and of a sample (notebook 09).
 
     python benchmarks/latent_speed.py [--device auto] [--batch-size 128]
 

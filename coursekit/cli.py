@@ -23,6 +23,12 @@ Each command has its own --help.
 """
 
 
+RUN_HELP = (
+    "run folder to load (default: %(default)s), a checkpoint file, or a model that ships with coursekit: "
+    "shipped, shipped-conditional, shipped-one-step"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -57,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw images: a PNG grid and a GIF of the reverse process",
         description="Draw images from a trained run with DDPM or DDIM.",
     )
-    sample.add_argument("--run", default="runs/demo", help="run folder to load (default: %(default)s)")
+    sample.add_argument("--run", default="runs/demo", help=RUN_HELP)
     _add_sampling_options(sample)
     sample.add_argument("--count", type=int, default=64, help="images to draw (default: %(default)s)")
     sample.add_argument(
@@ -72,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="classifier-free guidance: 1 = plain conditional, >1 = stronger (default: 1)",
     )
-    sample.add_argument("--out", default=None, help="folder for samples.png and reverse.gif (default: the run)")
+    sample.add_argument(
+        "--out",
+        default=None,
+        help="folder for samples.png and reverse.gif (default: the run; runs/NAME for a shipped model)",
+    )
     sample.set_defaults(handler=run_sample)
 
     evaluate = commands.add_parser(
@@ -84,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "share of near-copies of training images. --real scores real images that took no part in the metric "
         "instead: a self-check that must come out indistinguishable.",
     )
-    evaluate.add_argument("--run", default="runs/demo", help="run folder to load (default: %(default)s)")
+    evaluate.add_argument("--run", default="runs/demo", help=RUN_HELP)
     evaluate.add_argument("--real", action="store_true", help="score held-out real images instead of samples")
     evaluate.add_argument("--dataset", default=None, help="with --real: the dataset (default: digits)")
     evaluate.add_argument("--data-root", default="data", help="where torchvision datasets live")
@@ -352,7 +362,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_sample(args: argparse.Namespace) -> int:
     from coursekit.plots import save_animation, save_image_grid
-    from coursekit.runs import generate, load_run
+    from coursekit.runs import generate, load_run, output_folder
 
     run = load_run(args.run, device=args.device)
     options = run.sampling_options(args.sampler, args.steps)  # refuses what this run cannot do
@@ -378,7 +388,7 @@ def run_sample(args: argparse.Namespace) -> int:
         seed=args.seed,
         frames=40,
     )
-    out = Path(args.out or args.run)
+    out = Path(args.out) if args.out else output_folder(args.run)
     grid = save_image_grid(images, out / "samples.png")
     gif = save_animation(frames, out / "reverse.gif")
     print(f"wrote {grid} and {gif}")
@@ -413,9 +423,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _check_run_folder(run_dir) -> None:
+    from coursekit.runs import checkpoint_path
     from coursekit.training import CHECKPOINT_NAME
 
-    if not (Path(run_dir) / CHECKPOINT_NAME).exists():
+    if not checkpoint_path(run_dir).exists():
         raise ValueError(
             f"{run_dir} holds no {CHECKPOINT_NAME}: train into it first (coursekit train --run {run_dir}), "
             "or pass --run with a trained run folder"
@@ -441,7 +452,7 @@ def _evaluate(
 ) -> dict:
     """Score a run's samples (or, with ``real_dataset``, held-out real images); returns the JSON record."""
     from coursekit.quality import CACHE_VARIABLE, MIN_SAMPLES, Yardstick, split_real_images
-    from coursekit.runs import count_sampling_steps, generate, load_run
+    from coursekit.runs import count_sampling_steps, generate, load_run, output_folder
 
     run = None if real_dataset else load_run(run_dir, device=device)
     options = run.sampling_options(sampler, steps) if run is not None else {}  # checked before any work
@@ -455,7 +466,7 @@ def _evaluate(
         )
     if not quiet:
         print("preparing the yardstick (its classifier is trained once, then cached)...", file=sys.stderr)
-    cache = os.environ.get(CACHE_VARIABLE) or (Path(run_dir) if run is not None else Path(data_root))
+    cache = os.environ.get(CACHE_VARIABLE) or (output_folder(run_dir) if run is not None else Path(data_root))
     yardstick = Yardstick.for_dataset(name, root=data_root, cache_dir=cache)
     if run is None:
         report = yardstick.score_real(count)
@@ -474,7 +485,8 @@ def _evaluate(
             else count_sampling_steps(options["sampler"], run.schedule, steps),
             "training_steps": run.step,
         }
-        (Path(run_dir) / "quality.json").write_text(json.dumps(record, indent=2))
+        output_folder(run_dir).mkdir(parents=True, exist_ok=True)
+        (output_folder(run_dir) / "quality.json").write_text(json.dumps(record, indent=2))
     record["dataset"] = name
     record["summary"] = report.summary()
     return record

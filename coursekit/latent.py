@@ -1,4 +1,4 @@
-"""Latent diffusion: compress the images first, then diffuse the small codes (notebook 08).
+"""Latent diffusion: compress the images first, then diffuse the small codes (notebook 09).
 
 Stable Diffusion's secret ingredient (Rombach et al. 2022, "High-Resolution Image Synthesis with
 Latent Diffusion Models", arXiv:2112.10752) is that the diffusion model never sees pixels. An
@@ -90,7 +90,7 @@ class Autoencoder(nn.Module):
     ConvBlock that halves the size and doubles the channels, then a 1x1 convolution to the code's
     channels. The decoder mirrors it, growing the size with nearest-neighbour upsampling followed
     by a ConvBlock, and ends in tanh so that its images always lie in [-1, 1]. No attention and no
-    residual connections: at 16x16 a few convolutions are enough (notebook 08).
+    residual connections: at 16x16 a few convolutions are enough (notebook 09).
     """
 
     def __init__(self, config: AutoencoderConfig | None = None, **overrides):

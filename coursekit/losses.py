@@ -127,7 +127,7 @@ def training_labels(conditional: bool, label_dropout: float, null_label: int | N
 def drop_labels(
     labels: torch.Tensor, probability: float, null_label: int | None, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Replace each label by ``null_label`` ("no label") with the given probability (notebook 07).
+    """Replace each label by ``null_label`` ("no label") with the given probability (notebook 08).
 
     Classifier-free guidance training (Ho & Salimans 2022, Algorithm 1, line 3): one model then learns
     both the conditional and the unconditional noise prediction. The draw is

@@ -109,7 +109,7 @@ def _random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: i
 
 @torch.no_grad()
 def class_accuracy(classifier: FeatureClassifier, samples: torch.Tensor, requested_labels: torch.Tensor) -> float:
-    """The share of samples that the feature classifier puts in the class they were asked for (notebook 07)."""
+    """The share of samples that the feature classifier puts in the class they were asked for (notebook 08)."""
     requested_labels = torch.as_tensor(requested_labels).cpu()
     if requested_labels.shape != (len(samples),):
         raise ValueError(f"need one requested label per sample, got {tuple(requested_labels.shape)} for {len(samples)}")

@@ -26,6 +26,8 @@ from coursekit.unet import UNet, UNetConfig
 OBJECTIVES = ("eps", "flow")
 SHIPPED_CHECKPOINT = Path(__file__).parent / "assets" / "digits_unet.pt"
 SHIPPED_CONDITIONAL_CHECKPOINT = Path(__file__).parent / "assets" / "digits_unet_conditional.pt"
+SHIPPED_ONE_STEP_CHECKPOINT = Path(__file__).parent / "assets" / "digits_unet_one_step.pt"
+DISTILL_STEPS_PER_ROUND = 400
 
 
 @dataclass
@@ -90,7 +92,7 @@ def train_diffusion(
 
     ``dataset`` is an :class:`ImageDataset`, or anything with its fields (``images``, ``labels``,
     ``name``, ``class_names``, ``image_shape``, ``num_classes``), such as the latent codes of
-    notebook 08. ``extra_metadata`` is stored in the checkpoint beside the model settings.
+    notebook 09. ``extra_metadata`` is stored in the checkpoint beside the model settings.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
@@ -123,18 +125,49 @@ def train_diffusion(
     return train(model, dataset, loss_fn, train_config, run_dir=run_dir, callback=callback, metadata=metadata)
 
 
+SHIPPED_RUNS = {
+    "shipped": SHIPPED_CHECKPOINT,
+    "shipped-conditional": SHIPPED_CONDITIONAL_CHECKPOINT,
+    "shipped-one-step": SHIPPED_ONE_STEP_CHECKPOINT,
+}  # names that --run accepts for the models inside coursekit
+
+
+def checkpoint_path(run: str | Path) -> Path:
+    """The checkpoint behind ``run``: a run folder's ``checkpoint.pt``, a checkpoint file itself, or one of
+    the models that ship inside coursekit by name (:data:`SHIPPED_RUNS`: ``shipped-one-step``, ...)."""
+    if str(run) in SHIPPED_RUNS and not Path(run).exists():
+        return SHIPPED_RUNS[str(run)]
+    return Path(run) if Path(run).is_file() else Path(run) / CHECKPOINT_NAME
+
+
+def output_folder(run: str | Path) -> Path:
+    """Where commands write what they make from ``run``: the run folder itself, the folder of a checkpoint
+    file, or ``runs/<name>`` for a shipped model (never inside the installed package)."""
+    if str(run) in SHIPPED_RUNS and not Path(run).exists():
+        return Path("runs") / str(run)
+    return Path(run).parent if Path(run).is_file() else Path(run)
+
+
 def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> LoadedRun:
-    """Read a run folder's checkpoint back into a model (EMA weights) and its schedule."""
-    return _load_model(Path(run_dir) / CHECKPOINT_NAME, device)
+    """Read a run folder's checkpoint back into a model (EMA weights) and its schedule (``run_dir`` may
+    also name a checkpoint file or a shipped model: :func:`checkpoint_path`)."""
+    return _load_model(checkpoint_path(run_dir), device)
 
 
-def load_shipped_model(device: str | torch.device | None = None, conditional: bool = False) -> LoadedRun:
-    """A small U-Net trained on the built-in digits that ships with coursekit (notebooks 04-09).
+def load_shipped_model(
+    device: str | torch.device | None = None, conditional: bool = False, one_step: bool = False
+) -> LoadedRun:
+    """A small U-Net trained on the built-in digits that ships with coursekit (notebooks 04-10).
 
-    ``conditional=True`` gives the one trained with class labels and label dropout (notebook 07).
-    Made by ``python tools/make_shipped_checkpoint.py [--conditional]``; for learners who skip training.
+    ``conditional=True`` gives the one trained with class labels and label dropout (notebook 08);
+    ``one_step=True`` the student distilled from the first down to one DDIM step (notebook 07).
+    Made by ``python tools/make_shipped_checkpoint.py [--conditional]`` and
+    ``python tools/make_distilled_checkpoint.py``; for learners who skip training.
     """
-    return _load_model(SHIPPED_CONDITIONAL_CHECKPOINT if conditional else SHIPPED_CHECKPOINT, device)
+    if conditional and one_step:
+        raise ValueError("the one-step model is unconditional: ask for conditional or one_step, not both")
+    name = "shipped-conditional" if conditional else "shipped-one-step" if one_step else "shipped"
+    return _load_model(SHIPPED_RUNS[name], device)
 
 
 def _load_model(path: Path, device: str | torch.device | None) -> LoadedRun:
@@ -192,7 +225,7 @@ def generate(
     step), ``eta`` DDIM only; ``timesteps`` (instead of ``num_steps``) and ``prediction`` (what the
     model outputs) reach the diffusion samplers: a run's ``sampling_options()`` gives all of them.
     ``clip_x0`` keeps the x0 guesses and the results in the image range [-1, 1]; turn it off for
-    latent codes (notebook 08), which live outside that range.
+    latent codes (notebook 09), which live outside that range.
     """
     if count < 1:
         raise ValueError(f"count must be positive, got {count}")
@@ -235,6 +268,13 @@ def generate(
     return torch.cat(images), snapshots
 
 
+def distillation_config(max_steps: int = DISTILL_STEPS_PER_ROUND, **changes) -> TrainConfig:
+    """The settings each round of :func:`distill_run` trains with unless told otherwise: a student starts as
+    its teacher, so it needs a short warm-up, a small learning rate and a short EMA, not a long run."""
+    settings = {"batch_size": 128, "learning_rate": 5e-4, "warmup_steps": 20, "ema_decay": 0.99, "log_every": 10}
+    return TrainConfig(max_steps=max_steps, **{**settings, **changes})
+
+
 def distill_run(
     run: LoadedRun,
     out_dir: str | Path,
@@ -254,6 +294,7 @@ def distill_run(
     if run.metadata.get("conditional"):
         raise ValueError("distill_run distils unconditional runs; this one was trained with class labels")
     dataset = dataset or load_dataset(run.metadata["dataset"])
+    train_config = train_config or distillation_config()
     metadata = {key: value for key, value in run.metadata.items() if key not in ("prediction", "sampling_timesteps")}
     yield from progressive_distillation(
         run.model, dataset, run.schedule, teacher_steps, final_steps, train_config,

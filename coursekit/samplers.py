@@ -341,7 +341,7 @@ def resolve_clip(clip_x0: bool | None, x: torch.Tensor) -> bool:
     DPM-Solver++ then carry that guess to the end. Clipping keeps the guess an image
     (diffusers' schedulers clip by default for the same reason).
 
-    Data that does not live in [-1, 1] must say so: latent codes (notebook 08) pass
+    Data that does not live in [-1, 1] must say so: latent codes (notebook 09) pass
     ``clip_x0=False``; for other shapes (2-D points, test vectors) there is no safe default, and the
     sampler asks for ``clip_x0=True`` or ``False``.
     """

@@ -182,7 +182,7 @@ class UNet(nn.Module):
 
     The label reaches the network as a learned vector, ``class_embedding(label)``, added to the time
     embedding. ``condition`` (B, 4 * base_channels) passes such a vector directly instead: a blend
-    of two labels' vectors, or what a text encoder would produce (notebook 08).
+    of two labels' vectors, or what a text encoder would produce (notebook 09).
     """
 
     def __init__(self, config: UNetConfig | None = None, **overrides):
@@ -256,7 +256,7 @@ class UNet(nn.Module):
         if condition is not None:
             if class_labels is not None:
                 raise ValueError("pass class_labels or a condition vector, not both")
-            emb = emb + self._check_condition(condition, emb)  # any (B, time_dim) vector: notebook 08
+            emb = emb + self._check_condition(condition, emb)  # any (B, time_dim) vector: notebook 09
         elif self.class_embedding is not None:
             if class_labels is None:
                 class_labels = torch.full_like(t, self.null_label)

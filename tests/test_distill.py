@@ -5,6 +5,8 @@ learn the two-step target exactly; its N-step sampler must then land where the t
 steps land, much closer to the exact probability-flow map than DDIM with N steps.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -126,3 +128,25 @@ def test_distilled_rounds_are_run_folders_that_sample_with_their_own_steps(tmp_p
     assert "distilled for DDIM with 1 step(s)" in capsys.readouterr().err
     again = list(distill_run(teacher, tmp_path / "students", teacher_steps=4, train_config=tiny))
     assert [r.state.step for r in again] == [2, 2]  # finished rounds are read back, not trained again
+
+
+def test_the_shipped_one_step_model_paints_in_one_step_from_the_command_line(tmp_path, monkeypatch, capsys):
+    from coursekit.cli import main
+    from coursekit.runs import SHIPPED_ONE_STEP_CHECKPOINT, checkpoint_path, load_shipped_model, output_folder
+
+    shipped = load_shipped_model(device="cpu", one_step=True)
+    assert shipped.prediction == "v" and shipped.sampling_timesteps == [999]
+    assert shipped.metadata["distilled_from_steps"] == 2 and shipped.objective == "eps"
+    assert checkpoint_path("shipped-one-step") == SHIPPED_ONE_STEP_CHECKPOINT
+    assert checkpoint_path(SHIPPED_ONE_STEP_CHECKPOINT) == SHIPPED_ONE_STEP_CHECKPOINT  # a checkpoint file itself
+    assert checkpoint_path(tmp_path / "run") == tmp_path / "run" / "checkpoint.pt"
+    assert output_folder("shipped-one-step") == Path("runs") / "shipped-one-step"  # never inside the package
+    with pytest.raises(ValueError, match="unconditional"):
+        load_shipped_model(conditional=True, one_step=True)
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", "--run", "shipped-one-step", "--steps", "1", "--count", "4"]) == 0
+    assert (tmp_path / "runs" / "shipped-one-step" / "samples.png").exists()
+    capsys.readouterr()
+    assert main(["sample", "--run", "shipped-one-step", "--sampler", "dpm++2m"]) == 2
+    assert "distilled for DDIM with 1 step(s)" in capsys.readouterr().err

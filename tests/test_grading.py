@@ -63,7 +63,7 @@ def _results(row):
 
 
 def test_every_submission_gets_a_row_and_none_is_modified(graded):
-    assert graded["count"] == len(list(FIXTURES.glob("*.ipynb"))) + 2 * len(EXERCISES) == 47
+    assert graded["count"] == len(list(FIXTURES.glob("*.ipynb"))) + 2 * len(EXERCISES) == 49
     assert len(graded["rows"]) == graded["count"]
     assert graded["before"] == graded["after"]
     for escaped in ESCAPES:
@@ -84,7 +84,7 @@ EXERCISES = sorted(path.stem for path in (ROOT / "solutions").glob("*.ipynb"))
 
 
 def test_solutions_get_full_marks(graded):
-    assert len(EXERCISES) == 9
+    assert len(EXERCISES) == 10
     for name in EXERCISES:
         row = graded["rows"][f"solutions/{name}.ipynb"]
         assert row.total == row.maximum > 0 and row.error == "" and row.review == [], (name, row.error, row.review)

@@ -1,9 +1,9 @@
 """Make the small checkpoints that ship inside coursekit (coursekit/assets/).
 
     python tools/make_shipped_checkpoint.py                # digits_unet.pt, 6-8 minutes on a 2-core CPU
-    python tools/make_shipped_checkpoint.py --conditional  # digits_unet_conditional.pt (class labels, for 07)
+    python tools/make_shipped_checkpoint.py --conditional  # digits_unet_conditional.pt (class labels, for 08)
 
-Notebooks 04, 05 and 09 (and 07, with --conditional) use them, and so can a workshop without time to
+Notebooks 04, 05 and 10 (and 07, with --conditional) use them, and so can a workshop without time to
 train. The run is reproducible: fixed seed, fixed step count and fp32 on the CPU, so the same command
 gives the same weights on the same software. Only the EMA weights are kept, stored in fp16 (half the
 size); loading casts them back.

@@ -1,9 +1,10 @@
-"""Question bank, part two: the exercises of notebooks 05-09 (fewer steps, flow matching, control, latents,
-editing).
+"""Question bank, part two: the exercises of notebooks 05-10 (fewer steps, flow matching, one step,
+control, latents, editing).
 
 As in part one, each exercise asks for a variation on what its notebook shows (a stochastic DDIM step,
 the solver written for a noise prediction, a path with a floor of noise, a diffusion sample read as a
-flow sample, conditions dropped whole, two guidance directions at once,
+flow sample, a distillation target in v with the clean image as an end, two Euler steps folded into
+one, conditions dropped whole, two guidance directions at once,
 a strength per image), so that the notebook's worked cells do not answer it. References first, then
 the cases they are tried on, the mistakes learners make, and the questions.
 """
@@ -518,7 +519,265 @@ register(
 )
 
 
-# ============================================================================= 07: control
+# ============================================================================= 07: one step
+
+
+def _alpha_sigma_or_clean(alpha_bar, steps, like):
+    """alpha and sigma per example, shaped against ``like``; step -1 is the clean image (alpha_bar = 1)."""
+    a_bar = torch.where(steps >= 0, alpha_bar[steps.clamp(min=0)], torch.ones((), dtype=alpha_bar.dtype))
+    return per_example(a_bar.sqrt().to(like.dtype), like), per_example((1 - a_bar).sqrt().to(like.dtype), like)
+
+
+def _without_square_roots(alpha_bar, steps, like):
+    a_bar = torch.where(steps >= 0, alpha_bar[steps.clamp(min=0)], torch.ones((), dtype=alpha_bar.dtype))
+    return per_example(a_bar.to(like.dtype), like), per_example((1 - a_bar).to(like.dtype), like)
+
+
+def _distillation_target_with(
+    rule=_alpha_sigma_or_clean, clean_end=None, both_steps=True, solve=None, output="v", dtype=None
+):
+    end_rule = clean_end or rule
+
+    def target(teacher, x_t, t, t_mid, t_next, alpha_bar):
+        def ddim(x, step, step_next):
+            alpha, sigma = rule(alpha_bar, step, x)
+            alpha_next, sigma_next = end_rule(alpha_bar, step_next, x)
+            eps = teacher(x, step)
+            return alpha_next * (x - sigma * eps) / alpha + sigma_next * eps  # DDIM Eq. 12, eta = 0
+
+        x_far = ddim(ddim(x_t, t, t_mid), t_mid, t_next) if both_steps else ddim(x_t, t, t_next)
+        (alpha, sigma), (alpha_far, sigma_far) = rule(alpha_bar, t, x_t), end_rule(alpha_bar, t_next, x_t)
+        ratio = sigma_far / sigma  # one DDIM step: x_far = ratio x_t + (alpha_far - ratio alpha) x0
+        if solve:
+            x0 = solve(x_far, x_t, ratio, alpha, alpha_far)
+        else:
+            x0 = (x_far - ratio * x_t) / (alpha_far - ratio * alpha)
+        eps = (x_t - alpha * x0) / sigma
+        result = {"v": alpha * eps - sigma * x0, "-v": sigma * x0 - alpha * eps, "x0": x0}[output]
+        return result.to(dtype) if dtype else result
+
+    return target
+
+
+reference_distillation_target = _distillation_target_with()
+
+
+def _python_index_for_the_clean_image(alpha_bar, steps, like):
+    a_bar = alpha_bar[steps]  # -1 picks the LAST timestep, the noisiest, not the clean image
+    return per_example(a_bar.sqrt().to(like.dtype), like), per_example((1 - a_bar).sqrt().to(like.dtype), like)
+
+
+def _cases_distillation_target() -> list[dict]:
+    generator = seeded_generator(70)
+    return [
+        {
+            "x_t": torch.randn(4, 1, 4, 4, generator=generator),
+            "t": torch.tensor([999, 749, 499, 249]),
+            "t_mid": torch.tensor([874, 624, 374, 124]),
+            "t_next": torch.tensor([749, 499, 249, -1]),
+            "mean": 0.2,
+            "std": 0.5,
+            "label": "4 images, steps 999->874->749, ..., 249->124->clean (t_next = -1)",
+        },
+        {
+            "x_t": torch.randn(3, 2, generator=generator, dtype=torch.float64),
+            "t": torch.tensor([999, 999, 500]),
+            "t_mid": torch.tensor([500, 500, 200]),
+            "t_next": torch.tensor([-1, -1, -1]),
+            "mean": torch.tensor([0.5, -0.5]),
+            "std": torch.tensor([0.3, 1.2]),
+            "label": "3 float64 points, every step ends on the clean image (the last round: one step)",
+        },
+        {
+            "x_t": torch.randn(2, 3, 2, 2, generator=generator),
+            "t": torch.tensor([600, 300]),
+            "t_mid": torch.tensor([450, 150]),
+            "t_next": torch.tensor([300, 0]),
+            "mean": -0.1,
+            "std": 0.8,
+            "label": "2 RGB images, steps 600->450->300 and 300->150->0 (no clean end)",
+        },
+    ]
+
+
+def _call_distillation_target(implementation, case):
+    from coursekit.oracle import GaussianOracle
+
+    schedule = make_schedule("cosine", 1000)
+    oracle = GaussianOracle(case["mean"], case["std"], schedule)
+
+    def teacher(x, t):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (x.shape[0],):
+            shown = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"the teacher takes t as a tensor of shape (B,) = ({x.shape[0]},), got {shown}")
+        if bool((t < 0).any()):
+            raise ValueError("the teacher was called at t = -1: the clean image is no timestep to ask it about")
+        return oracle(x, t)
+
+    return implementation(teacher, case["x_t"], case["t"], case["t_mid"], case["t_next"], schedule.alpha_bar)
+
+
+def reference_flow_distillation_target(teacher, x, s, s_mid, s_next):
+    def velocity(points, time):
+        return teacher(points, torch.full((points.shape[0],), time, dtype=points.dtype))
+
+    x_mid = x + (s_mid - s) * velocity(x, s)  # the teacher's first Euler step
+    x_far = x_mid + (s_next - s_mid) * velocity(x_mid, s_mid)  # and its second, from where the first ended
+    return (x_far - x) / (s_next - s)  # the one velocity that covers both in a single step
+
+
+def _flow_target_with(second_at_start=False, second_time_first=False, average=False, divide_by=None, point=False):
+    def target(teacher, x, s, s_mid, s_next):
+        def velocity(points, time):
+            return teacher(points, torch.full((points.shape[0],), time, dtype=points.dtype))
+
+        u_first = velocity(x, s)
+        x_mid = x + (s_mid - s) * u_first
+        u_second = velocity(x if second_at_start else x_mid, s if second_time_first else s_mid)
+        if average:
+            return (u_first + u_second) / 2
+        x_far = x_mid + (s_next - s_mid) * u_second
+        if point:
+            return x_far
+        return (x_far - x) / (divide_by(s, s_mid, s_next) if divide_by else s_next - s)
+
+    return target
+
+
+def _cases_flow_distillation_target() -> list[dict]:
+    generator = seeded_generator(71)
+    return [
+        {
+            "data_mean": torch.tensor(0.3, dtype=torch.float64),
+            "data_std": torch.tensor(0.5, dtype=torch.float64),
+            "x": torch.randn(3, 1, 4, 4, generator=generator),
+            "s": 1.0,
+            "s_mid": 0.7,
+            "s_next": 0.2,
+            "label": "3 images, from pure noise: s = 1 -> 0.7 -> 0.2 (unequal steps)",
+        },
+        {
+            "data_mean": torch.tensor([0.5, -1.0], dtype=torch.float64),
+            "data_std": torch.tensor([0.3, 1.5], dtype=torch.float64),
+            "x": torch.randn(5, 2, generator=generator, dtype=torch.float64),
+            "s": 0.5,
+            "s_mid": 0.4,
+            "s_next": 0.0,
+            "label": "5 float64 points, s = 0.5 -> 0.4 -> 0 (the last step)",
+        },
+        {
+            "data_mean": torch.tensor(-0.2, dtype=torch.float64),
+            "data_std": torch.tensor(0.8, dtype=torch.float64),
+            "x": torch.randn(2, 3, 2, 2, generator=generator),
+            "s": 0.1,
+            "s_mid": 0.35,
+            "s_next": 0.5,
+            "label": "2 RGB images, forwards: s = 0.1 -> 0.35 -> 0.5",
+        },
+    ]
+
+
+register(
+    Question(
+        "07.q1",
+        4,
+        "distillation_target",
+        reference_distillation_target,
+        _cases_distillation_target,
+        _call_distillation_target,
+        "follow the teacher through t_mid to t_next, solve one DDIM step from t for the clean image that lands "
+        "there, and turn that clean image (with the noise it implies) into a velocity; step -1 is the clean image",
+        "alpha, sigma = sqrt(alpha_bar), sqrt(1 - alpha_bar) per example, (1, 0) where the step is -1; "
+        "x_far = two DDIM steps of the teacher (t -> t_mid -> t_next); ratio = sigma_next / sigma; "
+        "x0 = (x_far - ratio x_t) / (alpha_next - ratio alpha); eps = (x_t - alpha x0) / sigma; "
+        "return alpha eps - sigma x0 (in x_t's dtype)",
+        mistakes=[
+            Mistake(
+                "this is the clean-image target x~; the student predicts v: return alpha eps~ - sigma x~",
+                _distillation_target_with(output="x0"),
+            ),
+            Mistake("v = alpha eps - sigma x0: your sign is backwards", _distillation_target_with(output="-v")),
+            Mistake(
+                "this target follows ONE teacher step from t to t_next; the student must match the teacher's TWO "
+                "steps, through t_mid",
+                _distillation_target_with(both_steps=False),
+            ),
+            Mistake(
+                "t_next = -1 means the clean image (alpha = 1, sigma = 0), but alpha_bar[-1] is the LAST timestep, "
+                "the noisiest one: treat -1 on its own",
+                _distillation_target_with(clean_end=_python_index_for_the_clean_image),
+            ),
+            Mistake(
+                "alpha is the square root of alpha_bar (and sigma the square root of 1 - alpha_bar)",
+                _distillation_target_with(rule=_without_square_roots),
+            ),
+            Mistake(
+                "solve x_far = (sigma_next / sigma) x_t + (alpha_next - (sigma_next / sigma) alpha) x~ for x~: the "
+                "denominator has both terms",
+                _distillation_target_with(
+                    solve=lambda x_far, x_t, ratio, alpha, alpha_far: (x_far - ratio * x_t) / alpha_far
+                ),
+            ),
+            Mistake(
+                "alpha_bar is float64: convert alpha and sigma to x_t's dtype, so the target keeps it",
+                _distillation_target_with(dtype=torch.float64),
+            ),
+        ],
+        forbidden={"two_step_target", "ddim_jump", "distillation_loss", "output_for", "x0_and_eps", "read_output"},
+    )
+)
+register(
+    Question(
+        "07.q2",
+        3,
+        "flow_distillation_target",
+        reference_flow_distillation_target,
+        _cases_flow_distillation_target,
+        lambda f, c: f(_velocity_model(c), c["x"], c["s"], c["s_mid"], c["s_next"]),
+        "one Euler step of the student from s to s_next must land where the teacher's two Euler steps land: "
+        "which velocity does that?",
+        "x_mid = x + (s_mid - s) u(x, s); x_far = x_mid + (s_next - s_mid) u(x_mid, s_mid) (times as tensors of "
+        "shape (B,)); return (x_far - x) / (s_next - s)",
+        mistakes=[
+            Mistake(
+                "the average of the two velocities is right only when both steps are equally long: weight each by "
+                "its step, i.e. (x_far - x) / (s_next - s)",
+                _flow_target_with(average=True),
+            ),
+            Mistake(
+                "the teacher's second step starts where its first ended: read u at x_mid, not at x",
+                _flow_target_with(second_at_start=True),
+            ),
+            Mistake("the teacher's second step starts at time s_mid, not s", _flow_target_with(second_time_first=True)),
+            Mistake(
+                "the student covers the whole step from s to s_next: divide by s_next - s, not by s_mid - s",
+                _flow_target_with(divide_by=lambda s, s_mid, s_next: s_mid - s),
+            ),
+            Mistake(
+                "divide by s_next - s, signed: sampling runs backwards (s_next < s) and the velocity points "
+                "towards the noise",
+                _flow_target_with(divide_by=lambda s, s_mid, s_next: s - s_next),
+            ),
+            Mistake(
+                "this is where the teacher lands; the student learns a velocity: (x_far - x) / (s_next - s)",
+                _flow_target_with(point=True),
+            ),
+        ],
+        forbidden={"euler_steps", "euler_sample", "heun_steps", "heun_sample"},
+    )
+)
+register(
+    Written(
+        "07.q3",
+        2,
+        "From the same noise, the one-step student does not paint its teacher's digit, and the notebook's table "
+        "shows how far each round's student lands from the teacher. Give two reasons why the students drift "
+        "further round by round, and say which one you would attack first with twice the compute, and how.",
+    )
+)
+
+
+# ============================================================================= 08: control
 
 
 def reference_drop_conditions(conditions, probability, generator):
@@ -642,7 +901,7 @@ def _call_composed_noise(implementation, case):
 
 register(
     Question(
-        "07.q1",
+        "08.q1",
         3,
         "drop_conditions",
         reference_drop_conditions,
@@ -671,7 +930,7 @@ register(
 )
 register(
     Question(
-        "07.q2",
+        "08.q2",
         3,
         "composed_noise",
         reference_composed_noise,
@@ -698,7 +957,7 @@ register(
 )
 register(
     Written(
-        "07.q3",
+        "08.q3",
         2,
         "In the figure of the notebook, raise the guidance scale from 1 to 7: what happens to the digits, and "
         "what is the price? Explain it with the formula of guidance.",
@@ -706,7 +965,7 @@ register(
 )
 
 
-# ============================================================================= 08: latent diffusion
+# ============================================================================= 09: latent diffusion
 
 
 def reference_reconstruction_loss(autoencoder, images, latent_noise, generator):
@@ -834,7 +1093,7 @@ def _scale_as_a_tensor(latents):
 
 register(
     Question(
-        "08.q1",
+        "09.q1",
         3,
         "reconstruction_loss",
         reference_reconstruction_loss,
@@ -858,7 +1117,7 @@ register(
 )
 register(
     Question(
-        "08.q2",
+        "09.q2",
         2,
         "scale_latents",
         reference_scale_latents,
@@ -882,7 +1141,7 @@ register(
 )
 register(
     Question(
-        "08.q3",
+        "09.q3",
         2,
         "latents_to_images",
         reference_latents_to_images,
@@ -913,7 +1172,7 @@ register(
 )
 register(
     Written(
-        "08.q4",
+        "09.q4",
         2,
         "Diffusion on the autoencoder's codes is faster than on the pixels. Where does the time go, and what "
         "do the generated images lose in exchange?",
@@ -921,7 +1180,7 @@ register(
 )
 
 
-# ============================================================================= 09: editing
+# ============================================================================= 10: editing
 
 
 def reference_edit_start(images, strengths, alpha_bar, noise):
@@ -1032,7 +1291,7 @@ def _merge_without_reshaping(x_generated, images, mask, alpha_bar_t, noise):
 
 register(
     Question(
-        "09.q1",
+        "10.q1",
         2,
         "edit_start",
         reference_edit_start,
@@ -1063,7 +1322,7 @@ register(
 )
 register(
     Question(
-        "09.q2",
+        "10.q2",
         3,
         "merge_known",
         reference_merge_known,
@@ -1089,7 +1348,7 @@ register(
 )
 register(
     Written(
-        "09.q3",
+        "10.q3",
         2,
         "An edit of strength 0.2 and one of strength 0.8 start from the same photo. Which keeps more of it, "
         "which gives the model more freedom, and why?",

@@ -357,7 +357,7 @@ def to_plain(output):
         return output.detach().cpu().clone() if type(output) is torch.Tensor else torch.Tensor(output.cpu())
     if isinstance(output, dict):
         return {str(key): to_plain(value) for key, value in output.items()}
-    if isinstance(output, (tuple, list)):  # e.g. (x_t, t) in 09.q1
+    if isinstance(output, (tuple, list)):  # e.g. (x_t, t) in 10.q1
         return (tuple if isinstance(output, tuple) else list)(to_plain(value) for value in output)
     if isinstance(output, (int, float, str, bool)) or output is None:
         return output if type(output) in (int, float, str, bool, type(None)) else type(output).__mro__[-2](output)
