@@ -770,9 +770,9 @@ register(
     Written(
         "07.q3",
         2,
-        "From the same noise, the one-step student does not paint its teacher's digit, and the notebook's table "
-        "shows how far each round's student lands from the teacher. Give two reasons why the students drift "
-        "further round by round, and say which one you would attack first with twice the compute, and how.",
+        "From the same noise, the one-step student does not paint exactly its teacher's digit: in the notebook's "
+        "table it lands further from the teacher's 64-step images than the 32-step student does. Give two "
+        "reasons, and say which one you would attack first with twice the compute, and how.",
     )
 )
 

@@ -49,7 +49,7 @@ NOTEBOOKS = [
     Notebook("04_reverse_process", 184),
     Notebook("05_fewer_steps", 325),
     Notebook("06_flow_matching", 120, budget_minutes=10, whole_budget=True),
-    Notebook("07_one_step", 150, training_steps=2400, budget_minutes=math.inf, step_cost=2.5),  # no time cap
+    Notebook("07_one_step", 61, training_steps=2400, budget_minutes=math.inf, step_cost=2.6),  # no time cap
     Notebook("08_control", 76, training_steps=4000, budget_minutes=8),
     Notebook("09_latent_diffusion", 105, training_steps=6000, budget_minutes=5, step_cost=0.37),
     Notebook("10_editing", 220),
