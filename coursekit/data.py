@@ -210,7 +210,8 @@ def load_torchvision(name: str, root: str | Path = "data", train: bool = True, d
     return ImageDataset(images.contiguous(), labels, class_names, name)
 
 
-DATASETS = ("digits", *TORCHVISION_DATASETS)
+DATASETS = ("digits", "glyphs", *TORCHVISION_DATASETS)
+GLYPHS_COUNT = {True: 10_000, False: 2_000}  # training and held-out images of the built-in glyphs
 
 
 def load_dataset(
@@ -219,10 +220,17 @@ def load_dataset(
     train: bool = True,
     download: bool = True,
 ) -> ImageDataset:
-    """Load an image dataset by name: ``"digits"`` (offline), ``"mnist"``, ``"fashion_mnist"``, ``"cifar10"``.
+    """Load an image dataset by name: ``"digits"`` and ``"glyphs"`` (offline), ``"mnist"``, ``"fashion_mnist"``,
+    ``"cifar10"``.
 
-    ``train=False`` gives the held-out images (the test files; for digits, a fixed 20% split).
+    ``train=False`` gives the held-out images (the test files; for digits, a fixed 20% split; for glyphs,
+    new images drawn from another seed, with the same pairs of colour and character as training:
+    :func:`coursekit.glyphs.make_glyphs` makes any number, and the held-out pairs too).
     """
+    if name == "glyphs":  # captioned characters drawn by code (coursekit.glyphs)
+        from coursekit.glyphs import make_glyphs
+
+        return make_glyphs(GLYPHS_COUNT[train], seed=0 if train else 1)
     if name == "digits":  # a fixed 80/20 split stands in for torchvision's train/test files
         training, held_out = load_digits().split(held_out_fraction=0.2, seed=0)
         return training if train else held_out
