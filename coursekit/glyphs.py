@@ -140,6 +140,46 @@ def _where(position: str) -> str:
     )
 
 
+def parse_caption(caption: str) -> Scene:
+    """The scene a caption of the grammar describes (the font family, which captions never name, is "sans").
+
+    Unmarked weight and slant mean regular and upright, as in the captions the dataset writes, so
+    ``parse_caption(scene.caption)`` gives back the scene up to its family. Raises a ValueError naming
+    what does not fit the grammar.
+    """
+    words = caption.lower().split()
+    for relation in RELATIONS:
+        relation_words = relation.split()
+        for start in range(1, len(words)):
+            if words[start : start + len(relation_words)] == relation_words:
+                first, second = words[:start], words[start + len(relation_words) :]
+                return Scene((_parse_noun_phrase(first, caption), _parse_noun_phrase(second, caption)), relation)
+    places = {"on the left": "left", "on the right": "right", "at the top": "top", "at the bottom": "bottom",
+              "in the middle": "middle"}  # fmt: skip
+    for phrase, position in places.items():
+        if " ".join(words[-3:]) == phrase:
+            return Scene((_parse_noun_phrase(words[:-3], caption, detailed=True, position=position),))
+    raise ValueError(f"{caption!r} does not end in a place ({', '.join(places)}) nor join two characters with "
+                     f"{' or '.join(RELATIONS)}")  # fmt: skip
+
+
+def _parse_noun_phrase(words: list[str], caption: str, detailed: bool = False, position: str = "middle") -> Glyph:
+    if len(words) < 3 or words[0] != "a":
+        raise ValueError(f"{caption!r}: expected 'a [size] colour [bold] [italic] character', got {' '.join(words)!r}")
+    rest = words[1:]
+    size = rest.pop(0) if detailed and rest[0] in SIZES else "small"
+    if detailed and size == "small" and words[1] != "small":
+        raise ValueError(f"{caption!r}: a single character needs its size (small or large)")
+    colour, character = rest[0], rest[-1]
+    modifiers = rest[1:-1]
+    allowed = ["bold", "italic"] if detailed else []
+    if any(word not in allowed for word in modifiers) or len(set(modifiers)) != len(modifiers):
+        raise ValueError(f"{caption!r}: unexpected word(s) {modifiers} between colour and character")
+    weight = "bold" if "bold" in modifiers else "regular"
+    slant = "italic" if "italic" in modifiers else "upright"
+    return Glyph(character, colour, size, position, weight, slant)
+
+
 def vocabulary() -> list[str]:
     """Every word the grammar can produce, in a fixed order (the tokenizer's words)."""
     words = ["a", *SIZES, *COLOURS, "bold", "italic", *CHARACTERS, "on", "the", "at", "in"]

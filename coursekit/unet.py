@@ -4,6 +4,11 @@ The architecture follows DDPM Appendix B in miniature: residual blocks with Grou
 sinusoidal time embedding added inside every residual block, a down path and an up path joined
 by skip connections, and self-attention at low resolution. Each block is its own small class so
 that notebook 02 can build and shape-check them one at a time.
+
+With ``context_dim`` set, the U-Net reads a prompt the way Stable Diffusion does (Rombach et al. 2022,
+arXiv:2112.10752, Sec. 3.3): after each self-attention, a :class:`CrossAttention` block lets every pixel
+attend to the prompt's token vectors, ``softmax(Q K^T / sqrt(d)) V`` with queries from the pixels and
+keys and values from the tokens; padding tokens are masked out.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class UNetConfig:
     num_classes: int | None = None  # set to condition on class labels (adds a "no label" token)
     dropout: float = 0.0  # dropout inside residual blocks
     num_heads: int = 1  # attention heads
+    context_dim: int | None = None  # set to read token vectors (a prompt) through cross-attention
 
     def __post_init__(self) -> None:
         self.channel_multipliers = tuple(self.channel_multipliers)
@@ -44,6 +50,8 @@ class UNetConfig:
             raise ValueError(f"attention_levels must lie in [{-levels}, {levels - 1}], got {bad}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes must be None or positive, got {self.num_classes}")
+        if self.context_dim is not None and self.context_dim < 1:
+            raise ValueError(f"context_dim must be None or positive, got {self.context_dim}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,6 +125,41 @@ class SelfAttention(nn.Module):
         return x + self.proj(attended)
 
 
+class CrossAttention(nn.Module):
+    """Every pixel attends to the prompt's tokens: (B, C, H, W) and (B, L, D) -> (B, C, H, W), with a residual.
+
+    Queries come from the pixels, keys and values from the token vectors (Rombach et al., Eq. 3);
+    ``context_mask`` (B, L) is True for real tokens, and padding gets no attention. The last attention
+    weights are kept in ``last_maps`` (B, heads, H * W, L): where each word looked.
+    """
+
+    def __init__(self, channels: int, context_dim: int, num_heads: int = 1):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"{channels} channels cannot be split into {num_heads} heads")
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.query = nn.Conv2d(channels, channels, 1)
+        self.key = nn.Linear(context_dim, channels)
+        self.value = nn.Linear(context_dim, channels)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        self.last_maps: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        heads, head_dim = self.num_heads, channels // self.num_heads
+        q = self.query(self.norm(x)).reshape(batch, heads, head_dim, height * width).transpose(-1, -2)
+        k = self.key(context).reshape(batch, -1, heads, head_dim).transpose(1, 2)  # (B, heads, L, d)
+        v = self.value(context).reshape(batch, -1, heads, head_dim).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)  # (B, heads, HW, L)
+        if context_mask is not None:
+            scores = scores.masked_fill(~context_mask[:, None, None, :].to(scores.device), float("-inf"))
+        weights = scores.softmax(dim=-1)
+        self.last_maps = weights.detach()
+        attended = (weights @ v).transpose(-1, -2).reshape(batch, channels, height, width)
+        return x + self.proj(attended)
+
+
 class Downsample(nn.Module):
     """Halve the resolution with a stride-2 convolution (odd sizes round up)."""
 
@@ -156,6 +199,7 @@ class Level(nn.Module):
         attention: bool,
         num_heads: int,
         dropout: float,
+        context_dim: int | None = None,
     ):
         super().__init__()
         self.blocks = nn.ModuleList(
@@ -165,10 +209,16 @@ class Level(nn.Module):
         self.attention = nn.ModuleList(
             SelfAttention(channels_out, num_heads) if attention else nn.Identity() for _ in range(num_blocks)
         )
+        reads_prompt = attention and context_dim is not None
+        self.cross_attention = nn.ModuleList(
+            CrossAttention(channels_out, context_dim, num_heads) for _ in range(num_blocks if reads_prompt else 0)
+        )
 
-    def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
-        for block, attention in zip(self.blocks, self.attention):
+    def forward(self, x: torch.Tensor, time_emb: torch.Tensor, context=None, context_mask=None) -> torch.Tensor:
+        for index, (block, attention) in enumerate(zip(self.blocks, self.attention)):
             x = attention(block(x, time_emb))
+            if self.cross_attention:
+                x = self.cross_attention[index](x, context, context_mask)
         return x
 
 
@@ -207,8 +257,9 @@ class UNet(nn.Module):
         def make_level(channels_in: int, channels_out: int, level: int) -> Level:
             attention = config.has_attention(level)
             return Level(
-                channels_in, channels_out, config.num_res_blocks, time_dim, attention, config.num_heads, config.dropout
-            )
+                channels_in, channels_out, config.num_res_blocks, time_dim, attention, config.num_heads,
+                config.dropout, config.context_dim,
+            )  # fmt: skip
 
         previous = channels[0]
         for level, width in enumerate(channels):
@@ -219,6 +270,9 @@ class UNet(nn.Module):
         # 4. Middle: residual block, attention, residual block at the lowest resolution
         self.middle_in = ResidualBlock(previous, previous, time_dim, config.dropout)
         self.middle_attention = SelfAttention(previous, config.num_heads)
+        self.middle_cross = (
+            CrossAttention(previous, config.context_dim, config.num_heads) if config.context_dim is not None else None
+        )
         self.middle_out = ResidualBlock(previous, previous, time_dim, config.dropout)
         # 5. Up path: mirror of the down path; each level takes its skip connection (concatenated)
         self.upsamples = nn.ModuleList()
@@ -249,8 +303,11 @@ class UNet(nn.Module):
         t: torch.Tensor,
         class_labels: torch.Tensor | None = None,
         condition: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         t = self._check_inputs(x_t, t, class_labels)
+        context, context_mask = self._check_context(x_t, context, context_mask)
         # 1. Embedding of t (plus the condition), shared by every residual block
         emb = self.time_embedding(t)  # (B, time_dim)
         if condition is not None:
@@ -265,18 +322,21 @@ class UNet(nn.Module):
         h = self.stem(x_t)  # (B, C0, H, W)
         skips = []
         for level, down_level in enumerate(self.down_levels):
-            h = down_level(h, emb)
+            h = down_level(h, emb, context, context_mask)
             skips.append(h)
             if level < len(self.downsamples):
                 h = self.downsamples[level](h)  # (B, C, ceil(H/2), ceil(W/2))
         # 3. Middle
-        h = self.middle_out(self.middle_attention(self.middle_in(h, emb)), emb)
+        h = self.middle_attention(self.middle_in(h, emb))
+        if self.middle_cross is not None:
+            h = self.middle_cross(h, context, context_mask)
+        h = self.middle_out(h, emb)
         # 4. Up path: grow to the skip's size, concatenate it, refine
         for index, up_level in enumerate(self.up_levels):
             skip = skips.pop()
             if index > 0:
                 h = self.upsamples[index - 1](h, size=skip.shape[-2:])
-            h = up_level(torch.cat([h, skip], dim=1), emb)
+            h = up_level(torch.cat([h, skip], dim=1), emb, context, context_mask)
         # 5. Head
         return self.head(F.silu(self.head_norm(h)))  # (B, C_in, H, W)
 
@@ -289,6 +349,29 @@ class UNet(nn.Module):
                 f"got {tuple(condition.shape)}"
             )
         return condition.to(emb.device, emb.dtype)
+
+    def _check_context(self, x_t: torch.Tensor, context, context_mask):
+        if self.config.context_dim is None:
+            if context is not None:
+                raise ValueError("context given to a UNet without cross-attention; build it with context_dim=...")
+            return None, None
+        if context is None:
+            raise ValueError(
+                "this UNet reads a prompt: pass context (B, L, context_dim), the text encoder's token vectors "
+                "(for 'no prompt', those of the empty prompt)"
+            )
+        expected = (x_t.shape[0], self.config.context_dim)
+        if context.ndim != 3 or (context.shape[0], context.shape[2]) != expected:
+            raise ValueError(f"context must have shape ({expected[0]}, L, {expected[1]}), got {tuple(context.shape)}")
+        if context_mask is not None and context_mask.shape != context.shape[:2]:
+            shape = tuple(context.shape[:2])
+            raise ValueError(f"context_mask must have shape {shape}, got {tuple(context_mask.shape)}")
+        return context.to(x_t.dtype), None if context_mask is None else context_mask.bool()
+
+    def cross_attention_maps(self) -> list[torch.Tensor]:
+        """The attention weights of every cross-attention block from the last call, each (B, heads, H * W, L)."""
+        blocks = [module for module in self.modules() if isinstance(module, CrossAttention)]
+        return [block.last_maps for block in blocks if block.last_maps is not None]
 
     def _check_inputs(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         channels = self.config.in_channels
