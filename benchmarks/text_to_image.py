@@ -60,7 +60,7 @@ def main() -> None:
         for name, scenes in sets.items():
             captions = [scene.caption for scene in scenes]
             started = time.perf_counter()
-            images = pipeline.generate(captions, guidance_scale=scale, num_steps=25, seed=1)
+            images, _ = pipeline.generate(captions, guidance_scale=scale, num_steps=25, seed=1)
             milliseconds = 1000 * (time.perf_counter() - started) / len(captions)
             shares = adherence(reader.read(images), scenes)
             clip = pipeline.clip.score(images, pipeline.prompts.ids(captions)).mean().item()

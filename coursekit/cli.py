@@ -25,7 +25,7 @@ Each command has its own --help.
 
 RUN_HELP = (
     "run folder to load (default: %(default)s), a checkpoint file, or a model that ships with coursekit: "
-    "shipped, shipped-conditional, shipped-one-step"
+    "shipped, shipped-conditional, shipped-one-step, shipped-text-to-image (with --prompt)"
 )
 
 
@@ -73,10 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="for a model trained with --conditional: the class to draw",
     )
     sample.add_argument(
+        "--prompt",
+        default=None,
+        help='for a text-to-image run: what to draw, in the words of its captions ("a small green 4 on the right")',
+    )
+    sample.add_argument(
         "--guidance-scale",
+        "--guidance",
         type=float,
-        default=1.0,
-        help="classifier-free guidance: 1 = plain conditional, >1 = stronger (default: 1)",
+        default=None,
+        help="classifier-free guidance on the class label or prompt: 1 = plain, >1 = stronger "
+        "(default: 1 with --class-label, 3 with --prompt)",
     )
     sample.add_argument(
         "--out",
@@ -364,6 +371,8 @@ def run_sample(args: argparse.Namespace) -> int:
     from coursekit.plots import save_animation, save_image_grid
     from coursekit.runs import generate, load_run, output_folder
 
+    if args.prompt is not None:
+        return _sample_prompt(args)
     run = load_run(args.run, device=args.device)
     options = run.sampling_options(args.sampler, args.steps)  # refuses what this run cannot do
     labels = None
@@ -384,7 +393,34 @@ def run_sample(args: argparse.Namespace) -> int:
         **options,
         eta=args.eta,
         class_labels=labels,
-        guidance_scale=args.guidance_scale,
+        guidance_scale=1.0 if args.guidance_scale is None else args.guidance_scale,
+        seed=args.seed,
+        frames=40,
+    )
+    out = Path(args.out) if args.out else output_folder(args.run)
+    grid = save_image_grid(images, out / "samples.png")
+    gif = save_animation(frames, out / "reverse.gif")
+    print(f"wrote {grid} and {gif}")
+    return 0
+
+
+def _sample_prompt(args: argparse.Namespace) -> int:
+    """``coursekit sample --prompt``: a text-to-image run (coursekit.text_to_image) paints the prompt."""
+    from coursekit.plots import save_animation, save_image_grid
+    from coursekit.runs import output_folder
+    from coursekit.text_to_image import load_text_to_image
+
+    if args.class_label is not None:
+        raise ValueError("--prompt and --class-label do not go together: a text-to-image run reads prompts")
+    if args.sampler not in (None, "ddim", "dpm++2m", "ddpm") or args.eta is not None:
+        raise ValueError("a text-to-image run samples with --sampler ddim, dpm++2m or ddpm (no --eta)")
+    pipeline = load_text_to_image(args.run, device=args.device)
+    pipeline.prompts.ids(args.prompt)  # refuses, before any work, words the model never learned
+    images, frames = pipeline.generate(
+        [args.prompt] * args.count,
+        guidance_scale=3.0 if args.guidance_scale is None else args.guidance_scale,
+        num_steps=args.steps or 25,
+        sampler=args.sampler or "ddim",
         seed=args.seed,
         frames=40,
     )
@@ -516,6 +552,7 @@ def run_demo(args: argparse.Namespace) -> int:
         device=args.device,
         count=64,
         class_label=None,
+        prompt=None,
         guidance_scale=1.0,
         out=None,
     )

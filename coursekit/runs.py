@@ -27,6 +27,7 @@ OBJECTIVES = ("eps", "flow")
 SHIPPED_CHECKPOINT = Path(__file__).parent / "assets" / "digits_unet.pt"
 SHIPPED_CONDITIONAL_CHECKPOINT = Path(__file__).parent / "assets" / "digits_unet_conditional.pt"
 SHIPPED_ONE_STEP_CHECKPOINT = Path(__file__).parent / "assets" / "digits_unet_one_step.pt"
+SHIPPED_TEXT_TO_IMAGE_CHECKPOINT = Path(__file__).parent / "assets" / "glyphs_text_to_image.pt"
 DISTILL_STEPS_PER_ROUND = 400
 
 
@@ -129,6 +130,7 @@ SHIPPED_RUNS = {
     "shipped": SHIPPED_CHECKPOINT,
     "shipped-conditional": SHIPPED_CONDITIONAL_CHECKPOINT,
     "shipped-one-step": SHIPPED_ONE_STEP_CHECKPOINT,
+    "shipped-text-to-image": SHIPPED_TEXT_TO_IMAGE_CHECKPOINT,  # coursekit.text_to_image, sampled with --prompt
 }  # names that --run accepts for the models inside coursekit
 
 

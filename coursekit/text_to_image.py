@@ -31,7 +31,7 @@ from coursekit.latent import (
     train_autoencoder,
 )
 from coursekit.prompts import PromptEncoder, prompt_loss, with_prompt_guidance
-from coursekit.samplers import final_state, get_sampler
+from coursekit.samplers import get_sampler
 from coursekit.schedules import NoiseSchedule, make_schedule
 from coursekit.text import MiniCLIP, TextConfig, Tokenizer, caption_tensors, clip_loss
 from coursekit.training import CHECKPOINT_NAME, TrainConfig, TrainState, train
@@ -46,9 +46,11 @@ class TextToImageConfig:
     clip_steps: int = 800
     autoencoder_steps: int = 1500
     unet_steps: int = 3000
-    batch_size: int = 128
+    batch_size: int = 128  # for the mini-CLIP and the U-Net
+    autoencoder_batch_size: int = 64  # full-resolution convolutions: a smaller batch
     prompt_dropout: float = 0.1  # share of empty prompts while the U-Net trains
-    unet_width: int = 64
+    autoencoder_width: int = 16  # channels at full resolution
+    unet_width: int = 48
     precision: str = "auto"
     device: str = "auto"
     seed: int = 0
@@ -65,14 +67,14 @@ def latent_text_unet_config(context_dim: int, width: int = 64) -> UNetConfig:
     )  # fmt: skip
 
 
-def glyph_autoencoder_config() -> AutoencoderConfig:
+def glyph_autoencoder_config(width: int = 16) -> AutoencoderConfig:
     """32x32x3 -> 8x8x4: two halvings, 4 code channels (3,072 numbers become 256)."""
-    return AutoencoderConfig(in_channels=3, latent_channels=4, base_channels=32, num_downsamples=2)
+    return AutoencoderConfig(in_channels=3, latent_channels=4, base_channels=width, num_downsamples=2)
 
 
-def _part_config(config: TextToImageConfig, steps: int, learning_rate: float) -> TrainConfig:
+def _part_config(config: TextToImageConfig, steps: int, learning_rate: float, batch_size: int = 0) -> TrainConfig:
     return TrainConfig(
-        max_steps=steps, batch_size=config.batch_size, learning_rate=learning_rate, warmup_steps=50,
+        max_steps=steps, batch_size=batch_size or config.batch_size, learning_rate=learning_rate, warmup_steps=50,
         precision=config.precision, device=config.device, seed=config.seed, progress=False,
         checkpoint_every_minutes=2.0,
     )  # fmt: skip
@@ -99,11 +101,11 @@ def train_text_to_image(run_dir: str | Path, config: TextToImageConfig | None = 
                            metadata=clip_metadata)  # fmt: skip
     # 2. The autoencoder: glyphs <-> codes
     states["autoencoder"] = train_autoencoder(
-        glyphs, run_dir / "autoencoder", glyph_autoencoder_config(),
-        _part_config(config, config.autoencoder_steps, 2e-3),
+        glyphs, run_dir / "autoencoder", glyph_autoencoder_config(config.autoencoder_width),
+        _part_config(config, config.autoencoder_steps, 1e-3, config.autoencoder_batch_size),
     )  # fmt: skip
     # 3. The U-Net on the scaled codes, reading the frozen text encoder's token vectors
-    prompts = PromptEncoder(tokenizer, load_clip(run_dir / "clip").text)
+    prompts = PromptEncoder(tokenizer, build_clip(_read_part(run_dir / "clip", PARTS["clip"])).text)
     latents = encode_dataset(load_autoencoder(run_dir / "autoencoder", device="cpu"), glyphs)
     schedule = make_schedule("linear", 1000)  # codes cannot be clipped: see coursekit.latent
     unet_config = latent_text_unet_config(prompts.context_dim, config.unet_width)
@@ -112,7 +114,7 @@ def train_text_to_image(run_dir: str | Path, config: TextToImageConfig | None = 
         "model_config": unet_config.to_dict(),
         "schedule": {"name": "linear", "num_steps": 1000},
         "latent_scale": latents.scale,
-        "text_to_image": config.to_dict(),
+        "text_to_image": {key: value for key, value in config.to_dict().items() if key != "device"},  # what, not where
     }
     states["unet"] = train(
         UNet(unet_config), (latents.images, tokenizer.encode(glyphs.captions)),
@@ -125,27 +127,51 @@ def train_text_to_image(run_dir: str | Path, config: TextToImageConfig | None = 
     return states
 
 
-def load_clip(run_dir: str | Path, device: str | torch.device | None = "cpu") -> MiniCLIP:
-    """The mini-CLIP trained in ``run_dir`` (its EMA weights), in eval mode."""
-    payload = _payload(Path(run_dir), "text_config")
-    model = MiniCLIP(TextConfig(**payload["metadata"]["text_config"]))
-    load_model_weights(model, payload["ema"], Path(run_dir) / CHECKPOINT_NAME)
-    return model.to(pick_device(device)).eval()
+PARTS = {"clip": "text_config", "autoencoder": "autoencoder_config", "unet": "latent_scale"}  # part -> its key
 
 
-def load_tokenizer(run_dir: str | Path) -> Tokenizer:
-    settings = _payload(Path(run_dir), "tokenizer")["metadata"]["tokenizer"]
-    return Tokenizer(settings["words"], settings["max_length"])
+def read_parts(run: str | Path) -> dict[str, dict]:
+    """The three parts' checkpoints (``ema`` weights and ``metadata`` each): from a run folder of
+    :func:`train_text_to_image`, or from one file written by :func:`bundle_parts`."""
+    from coursekit.runs import checkpoint_path
+
+    run = checkpoint_path(run) if str(run) == "shipped-text-to-image" else Path(run)
+    if run.is_file():
+        parts = load_checkpoint(run).get("parts")
+        if not isinstance(parts, dict) or set(parts) != set(PARTS):
+            raise CheckpointError(f"{run} is no text-to-image bundle (it needs the parts {sorted(PARTS)})")
+        return parts
+    return {part: _read_part(run / part, needed) for part, needed in PARTS.items()}
 
 
-def _payload(run_dir: Path, needed: str) -> dict:
-    path = run_dir / CHECKPOINT_NAME
+def _read_part(folder: Path, needed: str) -> dict:
+    path = folder / CHECKPOINT_NAME
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; train it first with train_text_to_image")
+        run = str(folder.parent)
+        raise CheckpointError(f"no checkpoint at {path}; train it first with train_text_to_image({run!r})")
     payload = load_checkpoint(path)
     if needed not in (payload.get("metadata") or {}):
         raise CheckpointError(f"{path} holds no {needed!r}; it was not written by train_text_to_image")
-    return payload
+    return {"ema": payload["ema"], "metadata": payload["metadata"], "step": payload["step"]}
+
+
+def bundle_parts(run_dir: str | Path) -> dict:
+    """The three parts' EMA weights (fp16, half the size) and settings as one payload for one file."""
+    parts = read_parts(run_dir)
+    for payload in parts.values():
+        payload["ema"] = {name: t.half() if t.is_floating_point() else t for name, t in payload["ema"].items()}
+    return {"parts": parts}
+
+
+def _weights(payload: dict) -> dict:
+    return {name: t.float() if t.is_floating_point() else t for name, t in payload["ema"].items()}
+
+
+def build_clip(payload: dict, source: str | Path = "mini-CLIP") -> MiniCLIP:
+    """The mini-CLIP of a part's checkpoint (its EMA weights), in eval mode."""
+    model = MiniCLIP(TextConfig(**payload["metadata"]["text_config"]))
+    load_model_weights(model, _weights(payload), source)
+    return model.eval()
 
 
 @dataclass
@@ -167,28 +193,62 @@ class TextToImage:
         num_steps: int = 25,
         sampler: str = "ddim",
         seed: int = 0,
-    ) -> torch.Tensor:
-        """Images (N, 3, 32, 32) in [-1, 1] for the prompts, sampled in the codes' space, then decoded."""
+        frames: int = 0,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Images (N, 3, 32, 32) in [-1, 1] for the prompts, sampled as codes and decoded; with ``frames``,
+        also about that many decoded snapshots of the way there (for an animation)."""
         device = next(self.unet.parameters()).device
-        generator = torch.Generator().manual_seed(seed)
-        x_T = torch.randn(len(captions), 4, 8, 8, generator=generator).to(device)
+        x_T = torch.randn(len(captions), 4, 8, 8, generator=torch.Generator().manual_seed(seed)).to(device)
         model = with_prompt_guidance(self.unet, self.prompts.to(device), list(captions), guidance_scale)
-        codes = final_state(get_sampler(sampler)(model, self.schedule, x_T, num_steps=num_steps, clip_x0=False))
-        return decode_latents(self.autoencoder, codes, self.latent_scale)
+        steps = list(get_sampler(sampler)(model, self.schedule, x_T, num_steps=num_steps, clip_x0=False))
+        keep = set(range(len(steps) - 1, -1, -max(1, len(steps) // frames))) if frames else set()
+        kept = [step.x for index, step in enumerate(steps) if index in keep]
+        snapshots = [decode_latents(self.autoencoder, codes, self.latent_scale) for codes in kept]
+        return decode_latents(self.autoencoder, steps[-1].x, self.latent_scale), snapshots
 
 
-def load_text_to_image(run_dir: str | Path, device: str | torch.device | None = None) -> TextToImage:
-    """Read back the three parts trained by :func:`train_text_to_image`."""
-    run_dir, device = Path(run_dir), pick_device(device)
-    clip = load_clip(run_dir / "clip", device)
-    prompts = PromptEncoder(load_tokenizer(run_dir / "clip"), clip.text)
-    payload = _payload(run_dir / "unet", "latent_scale")
-    metadata = payload["metadata"]
+@torch.no_grad()
+def word_attention_maps(pipeline: TextToImage, caption: str, num_steps: int = 25, guidance_scale: float = 3.0,
+                        seed: int = 0) -> tuple[list[str], torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Where each word of ``caption`` looked while one image was painted.
+
+    Returns ``(words, maps, image)``: ``maps`` is (steps, words, 8, 8), the cross-attention weight from each
+    position of the 8x8 code to each word, averaged over the heads and over the cross-attention blocks at
+    full code resolution, at every sampling step (the prompted half of each guided call); ``image`` is
+    the painted image (3, 32, 32).
+    """
+    words = caption.split()
+    unet, device = pipeline.unet, next(pipeline.unet.parameters()).device
+    model = with_prompt_guidance(unet, pipeline.prompts.to(device), [caption], guidance_scale)
+    per_step = []
+
+    def recording_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        eps = model(x_t, t)
+        full_size = [maps for maps in unet.cross_attention_maps() if maps.shape[2] == 64]  # the 8x8 blocks
+        stacked = torch.stack([maps[0] for maps in full_size])  # first image: (blocks, heads, 64, L)
+        per_step.append(stacked.mean(dim=(0, 1))[:, : len(words)].T.reshape(len(words), 8, 8).cpu())
+        return eps
+
+    x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed)).to(device)
+    steps = list(get_sampler("ddim")(recording_model, pipeline.schedule, x_T, num_steps=num_steps, clip_x0=False))
+    image = decode_latents(pipeline.autoencoder, steps[-1].x, pipeline.latent_scale)[0]
+    return words, torch.stack(per_step), image
+
+
+def load_text_to_image(run: str | Path, device: str | torch.device | None = None) -> TextToImage:
+    """Read back the three parts trained by :func:`train_text_to_image` (a run folder or a bundle file)."""
+    parts, device = read_parts(run), pick_device(device)
+    clip = build_clip(parts["clip"], f"{run} (mini-CLIP)").to(device)
+    words = parts["clip"]["metadata"]["tokenizer"]
+    prompts = PromptEncoder(Tokenizer(words["words"], words["max_length"]), clip.text)
+    autoencoder = Autoencoder(AutoencoderConfig(**parts["autoencoder"]["metadata"]["autoencoder_config"]))
+    load_model_weights(autoencoder, _weights(parts["autoencoder"]), f"{run} (autoencoder)")
+    metadata = parts["unet"]["metadata"]
     settings = metadata["model_config"]
-    unet_config = UNetConfig(**{**settings, "channel_multipliers": tuple(settings["channel_multipliers"]),
-                                "attention_levels": tuple(settings["attention_levels"])})  # fmt: skip
-    unet = UNet(unet_config)
-    load_model_weights(unet, payload["ema"], run_dir / "unet" / CHECKPOINT_NAME)
+    unet = UNet(UNetConfig(**{**settings, "channel_multipliers": tuple(settings["channel_multipliers"]),
+                              "attention_levels": tuple(settings["attention_levels"])}))  # fmt: skip
+    load_model_weights(unet, _weights(parts["unet"]), f"{run} (U-Net)")
     schedule = make_schedule(metadata["schedule"]["name"], metadata["schedule"]["num_steps"])
-    autoencoder = load_autoencoder(run_dir / "autoencoder", device)
-    return TextToImage(unet.to(device).eval(), schedule, prompts, autoencoder, metadata["latent_scale"], clip)
+    return TextToImage(
+        unet.to(device).eval(), schedule, prompts, autoencoder.to(device).eval(), metadata["latent_scale"], clip
+    )

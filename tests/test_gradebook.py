@@ -263,3 +263,17 @@ def test_written_answers_are_read_from_their_tagged_cell_or_after_their_heading(
             del cell["metadata"]["tags"]  # an editor that drops tags
     assert read_written_answers(answered, "01") == {"01.q4": "The digit fades where the SNR falls below 1."}
     assert read_written_answers(exercise, "01") == {"01.q4": "The digit fades where the SNR falls below 1."}
+
+
+def test_feedback_for_rows_read_back_needs_no_question_bank_imported_first(tmp_path):
+    """A rerun that keeps every row imports no bank; its feedback must still know each written question."""
+    code = (
+        "from coursekit.course.gradebook import write_feedback\n"
+        "from coursekit.course.runner import GradeRow\n"
+        "row = GradeRow(file='alice/01.ipynb', student='alice', exercise='01', written={'01.q4': 'because'})\n"
+        f"write_feedback([row], {str(tmp_path)!r})\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    (feedback,) = tmp_path.glob("*.md")
+    assert "01.q4 (written answer): to be graded by your teacher" in feedback.read_text()

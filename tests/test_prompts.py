@@ -118,3 +118,40 @@ def test_a_short_training_teaches_the_reader_colours_and_characters():
     test = make_glyphs(300, seed=4, split="any")
     shares = adherence(reader.eval().read(test.images), test.scenes)
     assert shares["colour"] > 0.9 and shares["layout"] > 0.9 and shares["character"] > 0.5, shares
+
+
+def test_a_text_to_image_run_paints_prompts_from_the_command_line(tmp_path, capsys):
+    from coursekit.checkpoints import CheckpointError, save_checkpoint
+    from coursekit.cli import main
+    from coursekit.text_to_image import (
+        TextToImageConfig,
+        bundle_parts,
+        load_text_to_image,
+        train_text_to_image,
+        word_attention_maps,
+    )
+
+    tiny = TextToImageConfig(images=200, clip_steps=3, autoencoder_steps=3, unet_steps=3, batch_size=16,
+                             unet_width=16, precision="fp32", device="cpu")  # fmt: skip
+    states = train_text_to_image(tmp_path / "run", tiny, report=lambda line: None)
+    assert [state.step for state in states.values()] == [3, 3, 3]
+    pipeline = load_text_to_image(tmp_path / "run", device="cpu")
+    images, frames = pipeline.generate(["a large red 3 on the left", ""], num_steps=4, frames=2)
+    assert images.shape == (2, 3, 32, 32) and images.min() >= -1 and images.max() <= 1 and len(frames) == 2
+    words, maps, image = word_attention_maps(pipeline, "a large red 3 on the left", num_steps=3)
+    assert words == "a large red 3 on the left".split() and maps.shape == (3, 7, 8, 8) and image.shape == (3, 32, 32)
+    assert (maps >= 0).all() and (maps.sum(dim=1) <= 1 + 1e-5).all()  # the end token takes the rest
+    save_checkpoint(bundle_parts(tmp_path / "run"), tmp_path / "bundle.pt")  # one file, fp16: what ships
+    bundled, _ = load_text_to_image(tmp_path / "bundle.pt").generate(["a large red 3 on the left", ""], num_steps=4)
+    assert (bundled - images).abs().max() < 0.05
+    with pytest.raises(CheckpointError, match="no text-to-image bundle"):
+        load_text_to_image(tmp_path / "run" / "unet" / "checkpoint.pt")
+    again = train_text_to_image(tmp_path / "run", tiny, report=lambda line: None)
+    assert [state.step for state in again.values()] == [3, 3, 3]  # finished parts are read back, not retrained
+
+    prompt = ["sample", "--run", str(tmp_path / "run"), "--count", "2", "--steps", "3", "--guidance", "2"]
+    assert main([*prompt, "--prompt", "a small green 4 on the right"]) == 0
+    assert (tmp_path / "run" / "samples.png").exists() and (tmp_path / "run" / "reverse.gif").exists()
+    capsys.readouterr()
+    assert main([*prompt, "--prompt", "a small green cat on the right"]) == 2
+    assert "unknown word(s) ['cat']" in capsys.readouterr().err

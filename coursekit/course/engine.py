@@ -3,7 +3,7 @@
 A question names the function (or class) the learner writes, the reference it is compared with, the
 cases it is tried on (edge cases included), two hints (a nudge, then the formula) and a catalogue of
 common mistakes. The questions themselves live in the question banks (``bank_part1``: notebooks
-01-04, ``bank_part2``: 05-09). In a notebook::
+01-04, ``bank_part2``: 05-10). In a notebook::
 
     from coursekit.checks import check, hint, learner_or_reference
     check("01.q2")                              # prints: passed, not implemented yet, or what went wrong
@@ -167,6 +167,13 @@ def register(question: Question | Written) -> None:
 
 def _load_banks() -> None:
     from coursekit.course import bank_part1, bank_part2  # noqa: F401  (they register their questions)
+
+
+def written_questions() -> dict[str, Written]:
+    """Every hand-graded question by id, with the banks loaded (a gradebook that only reads back earlier
+    results has imported no bank)."""
+    _load_banks()
+    return WRITTEN
 
 
 def questions_for(notebook_number: str) -> list[Question]:

@@ -21,7 +21,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from coursekit.course.engine import WRITTEN, Result, questions_for, written_for
+from coursekit.course.engine import Result, questions_for, written_for, written_questions
 from coursekit.course.runner import GradeRow, grade_submission, read_notebook
 from coursekit.course.sandbox import Limits, detect
 
@@ -287,7 +287,7 @@ def read_hand_marks(path: str | Path) -> dict[tuple[str, str], dict[str, str]]:
             typed = {
                 question_id: value.strip()
                 for question_id, value in record.items()
-                if question_id in WRITTEN and isinstance(value, str) and value.strip()
+                if question_id in written_questions() and isinstance(value, str) and value.strip()
             }
             if typed and record.get("file") is not None:
                 marks[(record["file"], record.get("sha256") or "")] = typed
@@ -330,7 +330,7 @@ def write_gradebook(rows: list[GradeRow], out: str | Path) -> Path:
             cells = [points.get(q, "" if not q.startswith(row.exercise + ".") or q in row.written else 0)
                      for q in question_ids]  # fmt: skip
             maximum = exercise_maximum(row.exercise) if row.exercise else 0
-            pending = [f"{q} ({WRITTEN[q].points} points)" for q in row.pending] + row.hand_marks()[1]
+            pending = [f"{q} ({written_questions()[q].points} points)" for q in row.pending] + row.hand_marks()[1]
             review = " | ".join(row.review)[:500]
             writer.writerow(
                 [row.file, row.student, row.student_id, row.exercise, *cells]
@@ -344,7 +344,7 @@ def write_written_answers(rows: list[GradeRow], out: str | Path) -> Path:
     """Every written answer, question by question, for a teacher to read side by side."""
     lines = ["# Written answers", "", "Type each mark into its column of the gradebook; the next run keeps it.", ""]
     for question_id in sorted({question_id for row in rows for question_id in row.written}):
-        question = WRITTEN[question_id]
+        question = written_questions()[question_id]
         lines += [f"## {question_id} ({question.points} points)", "", f"> {question.prompt}", ""]
         for row in rows:
             if question_id in row.written:
@@ -414,11 +414,11 @@ def write_feedback(rows: list[GradeRow], folder: str | Path) -> Path:
             lines += [f"Problem: {row.error}", ""]
         lines += [f"- {result!r}" for result in row.results]
         for question_id, text in row.written.items():
-            mark = row.hand.get(question_id, "")
+            mark, points = row.hand.get(question_id, ""), written_questions()[question_id].points
             state = (
-                f"{mark} / {WRITTEN[question_id].points} points, marked by your teacher"
+                f"{mark} / {points} points, marked by your teacher"
                 if mark
-                else (f"to be graded by your teacher ({WRITTEN[question_id].points} points)" if text else "no answer")
+                else (f"to be graded by your teacher ({points} points)" if text else "no answer")
             )
             lines.append(f"- ✍️ {question_id} (written answer): {state}")
         if row.review:
