@@ -370,9 +370,13 @@ def run_train(args: argparse.Namespace) -> int:
 def run_sample(args: argparse.Namespace) -> int:
     from coursekit.plots import save_animation, save_image_grid
     from coursekit.runs import generate, load_run, output_folder
+    from coursekit.text_to_image import is_text_to_image
 
     if args.prompt is not None:
         return _sample_prompt(args)
+    if is_text_to_image(args.run):
+        example = '--prompt "a small green 4 on the right"'
+        raise ValueError(f"{args.run} paints from prompts: add --prompt, e.g. {example}")
     run = load_run(args.run, device=args.device)
     options = run.sampling_options(args.sampler, args.steps)  # refuses what this run cannot do
     labels = None

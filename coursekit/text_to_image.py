@@ -144,6 +144,12 @@ def read_parts(run: str | Path) -> dict[str, dict]:
     return {part: _read_part(run / part, needed) for part, needed in PARTS.items()}
 
 
+def is_text_to_image(run: str | Path) -> bool:
+    """Whether ``run`` names a text-to-image model: a run folder of :func:`train_text_to_image`, or the shipped one."""
+    folder = Path(run)
+    return str(run) == "shipped-text-to-image" or ((folder / "unet").is_dir() and (folder / "clip").is_dir())
+
+
 def _read_part(folder: Path, needed: str) -> dict:
     path = folder / CHECKPOINT_NAME
     if not path.is_file():

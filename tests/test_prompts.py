@@ -155,3 +155,5 @@ def test_a_text_to_image_run_paints_prompts_from_the_command_line(tmp_path, caps
     capsys.readouterr()
     assert main([*prompt, "--prompt", "a small green cat on the right"]) == 2
     assert "unknown word(s) ['cat']" in capsys.readouterr().err
+    assert main(prompt) == 2
+    assert "paints from prompts: add --prompt" in capsys.readouterr().err
