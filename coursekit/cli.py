@@ -368,8 +368,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_sample(args: argparse.Namespace) -> int:
-    from coursekit.plots import save_animation, save_image_grid
-    from coursekit.runs import generate, load_run, output_folder
+    from coursekit.runs import generate, load_run
     from coursekit.text_to_image import is_text_to_image
 
     if args.prompt is not None:
@@ -401,6 +400,14 @@ def run_sample(args: argparse.Namespace) -> int:
         seed=args.seed,
         frames=40,
     )
+    return _write_samples(args, images, frames)
+
+
+def _write_samples(args: argparse.Namespace, images, frames) -> int:
+    """samples.png and reverse.gif into --out, or the run's output folder."""
+    from coursekit.plots import save_animation, save_image_grid
+    from coursekit.runs import output_folder
+
     out = Path(args.out) if args.out else output_folder(args.run)
     grid = save_image_grid(images, out / "samples.png")
     gif = save_animation(frames, out / "reverse.gif")
@@ -410,8 +417,6 @@ def run_sample(args: argparse.Namespace) -> int:
 
 def _sample_prompt(args: argparse.Namespace) -> int:
     """``coursekit sample --prompt``: a text-to-image run (coursekit.text_to_image) paints the prompt."""
-    from coursekit.plots import save_animation, save_image_grid
-    from coursekit.runs import output_folder
     from coursekit.text_to_image import load_text_to_image
 
     if args.class_label is not None:
@@ -428,11 +433,7 @@ def _sample_prompt(args: argparse.Namespace) -> int:
         seed=args.seed,
         frames=40,
     )
-    out = Path(args.out) if args.out else output_folder(args.run)
-    grid = save_image_grid(images, out / "samples.png")
-    gif = save_animation(frames, out / "reverse.gif")
-    print(f"wrote {grid} and {gif}")
-    return 0
+    return _write_samples(args, images, frames)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
