@@ -71,6 +71,27 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
+def half_weights(state_dict: dict) -> dict:
+    """Floating-point tensors in fp16: half the bytes, for the models that ship inside coursekit."""
+    return {name: t.half() if t.is_floating_point() else t for name, t in state_dict.items()}
+
+
+def float_weights(state_dict: dict) -> dict:
+    """Floating-point tensors back in fp32, however they were stored."""
+    return {name: t.float() if t.is_floating_point() else t for name, t in state_dict.items()}
+
+
+def shipped_payload(payload: dict, made_by: str) -> dict:
+    """What a shipped model keeps of a run's checkpoint: its EMA weights in fp16, steps, losses, settings."""
+    return {
+        "ema": half_weights(payload["ema"]),
+        "step": payload["step"],
+        "loss_history": payload["loss_history"],
+        "metadata": payload["metadata"],
+        "made_by": made_by,
+    }
+
+
 def load_model_weights(model: torch.nn.Module, state_dict: dict, source: str | Path) -> None:
     """``model.load_state_dict`` with an error that names the mismatch and the file."""
     try:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coursekit.checkpoints import CheckpointError, load_checkpoint, load_model_weights
+from coursekit.checkpoints import CheckpointError, float_weights, load_checkpoint, load_model_weights
 from coursekit.device import pick_device
 from coursekit.runs import train_diffusion
 from coursekit.training import CHECKPOINT_NAME, TrainConfig, TrainState, train
@@ -243,7 +243,7 @@ def load_autoencoder(run_dir: str | Path, device: str | torch.device | None = No
     """The autoencoder trained in ``run_dir``, with its EMA weights, in eval mode."""
     payload, path = _read_autoencoder_checkpoint(run_dir)
     model = Autoencoder(AutoencoderConfig(**payload["metadata"]["autoencoder_config"]))
-    weights = {name: t.float() if t.is_floating_point() else t for name, t in payload["ema"].items()}
+    weights = float_weights(payload["ema"])
     load_model_weights(model, weights, path)
     return model.to(pick_device(device)).eval()
 

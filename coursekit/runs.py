@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from coursekit.checkpoints import CheckpointError, load_checkpoint, load_model_weights
+from coursekit.checkpoints import CheckpointError, float_weights, load_checkpoint, load_model_weights
 from coursekit.data import ImageDataset
 from coursekit.device import pick_device
 from coursekit.flow import FLOW_DEFAULT_NUM_STEPS, FLOW_SAMPLERS, FlowModel, flow_loss, time_grid
@@ -177,20 +177,10 @@ def _load_model(path: Path, device: str | torch.device | None) -> LoadedRun:
     metadata = payload.get("metadata") or {}
     if "model_config" not in metadata or "schedule" not in metadata:
         raise CheckpointError(f"{path} holds no model settings; it was not written by train_diffusion")
-    config = metadata["model_config"]
-    config = UNetConfig(
-        **{
-            **config,
-            "channel_multipliers": tuple(config["channel_multipliers"]),
-            "attention_levels": tuple(config["attention_levels"]),
-        }
-    )
-    model = UNet(config)
+    model = UNet(UNetConfig(**metadata["model_config"]))  # the config turns the stored lists back into tuples
     if metadata.get("objective", "eps") == "flow":
         model = FlowModel(model)
-    load_model_weights(
-        model, {name: t.float() if t.is_floating_point() else t for name, t in payload["ema"].items()}, path
-    )
+    load_model_weights(model, float_weights(payload["ema"]), path)
     schedule = make_schedule(metadata["schedule"]["name"], metadata["schedule"]["num_steps"])
     return LoadedRun(
         model.to(pick_device(device)).eval(),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from coursekit.checkpoints import CheckpointError, load_checkpoint, load_model_weights
+from coursekit.checkpoints import CheckpointError, float_weights, half_weights, load_checkpoint, load_model_weights
 from coursekit.device import pick_device
 from coursekit.glyphs import make_glyphs, vocabulary
 from coursekit.latent import (
@@ -127,6 +127,7 @@ def train_text_to_image(run_dir: str | Path, config: TextToImageConfig | None = 
     return states
 
 
+SHIPPED_NAME = "shipped-text-to-image"  # the bundle inside coursekit, as --run names it (coursekit.runs.SHIPPED_RUNS)
 PARTS = {"clip": "text_config", "autoencoder": "autoencoder_config", "unet": "latent_scale"}  # part -> its key
 
 
@@ -135,7 +136,7 @@ def read_parts(run: str | Path) -> dict[str, dict]:
     :func:`train_text_to_image`, or from one file written by :func:`bundle_parts`."""
     from coursekit.runs import checkpoint_path
 
-    run = checkpoint_path(run) if str(run) == "shipped-text-to-image" else Path(run)
+    run = checkpoint_path(run) if str(run) == SHIPPED_NAME else Path(run)
     if run.is_file():
         parts = load_checkpoint(run).get("parts")
         if not isinstance(parts, dict) or set(parts) != set(PARTS):
@@ -147,7 +148,7 @@ def read_parts(run: str | Path) -> dict[str, dict]:
 def is_text_to_image(run: str | Path) -> bool:
     """Whether ``run`` names a text-to-image model: a run folder of :func:`train_text_to_image`, or the shipped one."""
     folder = Path(run)
-    return str(run) == "shipped-text-to-image" or ((folder / "unet").is_dir() and (folder / "clip").is_dir())
+    return str(run) == SHIPPED_NAME or ((folder / "unet").is_dir() and (folder / "clip").is_dir())
 
 
 def _read_part(folder: Path, needed: str) -> dict:
@@ -165,18 +166,14 @@ def bundle_parts(run_dir: str | Path) -> dict:
     """The three parts' EMA weights (fp16, half the size) and settings as one payload for one file."""
     parts = read_parts(run_dir)
     for payload in parts.values():
-        payload["ema"] = {name: t.half() if t.is_floating_point() else t for name, t in payload["ema"].items()}
+        payload["ema"] = half_weights(payload["ema"])
     return {"parts": parts}
-
-
-def _weights(payload: dict) -> dict:
-    return {name: t.float() if t.is_floating_point() else t for name, t in payload["ema"].items()}
 
 
 def build_clip(payload: dict, source: str | Path = "mini-CLIP") -> MiniCLIP:
     """The mini-CLIP of a part's checkpoint (its EMA weights), in eval mode."""
     model = MiniCLIP(TextConfig(**payload["metadata"]["text_config"]))
-    load_model_weights(model, _weights(payload), source)
+    load_model_weights(model, float_weights(payload["ema"]), source)
     return model.eval()
 
 
@@ -248,12 +245,10 @@ def load_text_to_image(run: str | Path, device: str | torch.device | None = None
     words = parts["clip"]["metadata"]["tokenizer"]
     prompts = PromptEncoder(Tokenizer(words["words"], words["max_length"]), clip.text)
     autoencoder = Autoencoder(AutoencoderConfig(**parts["autoencoder"]["metadata"]["autoencoder_config"]))
-    load_model_weights(autoencoder, _weights(parts["autoencoder"]), f"{run} (autoencoder)")
+    load_model_weights(autoencoder, float_weights(parts["autoencoder"]["ema"]), f"{run} (autoencoder)")
     metadata = parts["unet"]["metadata"]
-    settings = metadata["model_config"]
-    unet = UNet(UNetConfig(**{**settings, "channel_multipliers": tuple(settings["channel_multipliers"]),
-                              "attention_levels": tuple(settings["attention_levels"])}))  # fmt: skip
-    load_model_weights(unet, _weights(parts["unet"]), f"{run} (U-Net)")
+    unet = UNet(UNetConfig(**metadata["model_config"]))
+    load_model_weights(unet, float_weights(parts["unet"]["ema"]), f"{run} (U-Net)")
     schedule = make_schedule(metadata["schedule"]["name"], metadata["schedule"]["num_steps"])
     return TextToImage(
         unet.to(device).eval(), schedule, prompts, autoencoder.to(device).eval(), metadata["latent_scale"], clip

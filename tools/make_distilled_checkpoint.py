@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from coursekit.checkpoints import load_checkpoint, save_checkpoint
+from coursekit.checkpoints import load_checkpoint, save_checkpoint, shipped_payload
 from coursekit.runs import SHIPPED_ONE_STEP_CHECKPOINT, distill_run, distillation_config, load_shipped_model
 from coursekit.training import CHECKPOINT_NAME
 
@@ -32,13 +32,7 @@ def main() -> None:
             print(f"{round_.num_steps:2d} steps: {steps} training steps, {minutes:.1f} min, loss {loss:.5f}")
             assert torch.isfinite(torch.tensor(loss)), "the distillation diverged"
         payload = load_checkpoint(Path(out_dir) / f"{round_.num_steps:02d}-steps" / CHECKPOINT_NAME)
-    shipped = {
-        "ema": {name: tensor.half() for name, tensor in payload["ema"].items()},
-        "step": payload["step"],
-        "loss_history": payload["loss_history"],
-        "metadata": payload["metadata"],
-        "made_by": "python tools/make_distilled_checkpoint.py",
-    }
+    shipped = shipped_payload(payload, "python tools/make_distilled_checkpoint.py")
     save_checkpoint(shipped, SHIPPED_ONE_STEP_CHECKPOINT)
     size = SHIPPED_ONE_STEP_CHECKPOINT.stat().st_size / 1e6
     print(f"wrote {SHIPPED_ONE_STEP_CHECKPOINT} ({size:.1f} MB)")

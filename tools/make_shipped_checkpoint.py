@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from coursekit.checkpoints import load_checkpoint, save_checkpoint
+from coursekit.checkpoints import load_checkpoint, save_checkpoint, shipped_payload
 from coursekit.data import load_dataset
 from coursekit.runs import SHIPPED_CHECKPOINT, SHIPPED_CONDITIONAL_CHECKPOINT, train_diffusion
 from coursekit.training import TrainConfig
@@ -41,13 +41,8 @@ def main() -> None:
         )
         state = train_diffusion(load_dataset("digits"), run_dir, train_config=config, conditional=conditional)
         payload = load_checkpoint(Path(run_dir) / "checkpoint.pt")
-    shipped = {
-        "ema": {name: tensor.half() for name, tensor in payload["ema"].items()},
-        "step": payload["step"],
-        "loss_history": payload["loss_history"],
-        "metadata": payload["metadata"],
-        "made_by": "python tools/make_shipped_checkpoint.py" + (" --conditional" if conditional else ""),
-    }
+    made_by = "python tools/make_shipped_checkpoint.py" + (" --conditional" if conditional else "")
+    shipped = shipped_payload(payload, made_by)
     save_checkpoint(shipped, destination)
     size = destination.stat().st_size / 1e6
     final_loss = state.loss_history[-1][1]
