@@ -16,18 +16,17 @@ import time
 from pathlib import Path
 
 import torch
-from text_to_image import wilson  # benchmarks/text_to_image.py: Python puts this script's folder on the path
 
-from coursekit.attributes import adherence, train_attribute_reader
+from coursekit.attributes import adherence, load_attribute_reader, wilson_interval
 from coursekit.glyphs import make_glyphs, vocabulary
-from coursekit.latent import decode_latents, encode_dataset
+from coursekit.latent import decode_latents, encode_dataset, glyph_latent_unet_config, glyph_pixel_unet_config
 from coursekit.prompts import prompt_loss, with_prompt_guidance
 from coursekit.samplers import final_state, get_sampler
 from coursekit.schedules import make_schedule
 from coursekit.text import Tokenizer
-from coursekit.text_to_image import TextToImageConfig, latent_text_unet_config, load_text_to_image
+from coursekit.text_to_image import TextToImageConfig, load_text_to_image
 from coursekit.training import TrainConfig, train
-from coursekit.unet import UNet, UNetConfig
+from coursekit.unet import UNet
 
 
 def main() -> None:
@@ -43,18 +42,15 @@ def main() -> None:
     glyphs = make_glyphs(recipe.images, seed=recipe.seed)
     ids = Tokenizer(vocabulary()).encode(glyphs.captions)
     latents = encode_dataset(pipeline.autoencoder, glyphs)
-    reader = train_attribute_reader(20_000, TrainConfig(max_steps=1500, batch_size=128, learning_rate=2e-3,
-                                                        warmup_steps=50, ema_decay=0.0, precision="fp32",
-                                                        device="cpu", progress=False))  # fmt: skip
+    reader = load_attribute_reader()  # the shipped judge (tools/make_attribute_reader.py)
     scenes = make_glyphs(args.prompts, seed=50, two_fraction=0.0).scenes
     captions = [scene.caption for scene in scenes]
     context_dim = pipeline.prompts.context_dim
     spaces = {
-        "latent 8x8x4": (latent_text_unet_config(context_dim, recipe.unet_width), latents.images,
+        "latent 8x8x4": (glyph_latent_unet_config(recipe.unet_width, context_dim), latents.images,
                          make_schedule("linear", 1000), (4, 8, 8)),
-        "pixels 32x32x3": (UNetConfig(in_channels=3, base_channels=32, channel_multipliers=(1, 2, 2),
-                                      attention_levels=(1, 2), num_heads=4, context_dim=context_dim),
-                           glyphs.images, make_schedule("cosine", 1000), (3, 32, 32)),
+        "pixels 32x32x3": (glyph_pixel_unet_config(32, context_dim), glyphs.images, make_schedule("cosine", 1000),
+                           (3, 32, 32)),
     }  # fmt: skip
     models = {}
     for name, (config, _, _, _) in spaces.items():
@@ -83,7 +79,7 @@ def main() -> None:
             shares = adherence(reader.read(images.clamp(-1, 1)), scenes)
             parts = []
             for attribute in ("character", "colour", "position"):
-                low, high = wilson(shares[attribute], len(scenes))
+                low, high = wilson_interval(shares[attribute], len(scenes))
                 parts.append(f"{attribute} {shares[attribute]:.2f} [{low:.2f}, {high:.2f}]")
             print(f"{budget:5.1f} min  {name:<15} {state.step:>6,} steps ({state.step / state.elapsed_seconds:.1f}/s)  "
                   f"{milliseconds:5.1f} ms/image  " + "; ".join(parts), flush=True)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Editing with a trained model: noise a little, then denoise (notebook 10).
+"""Editing with a trained model: noise a little, then denoise (notebook 11).
 
 Two tools built from pieces the course already has, with no retraining:
 

@@ -203,11 +203,13 @@ def train_autoencoder(
     train_config: TrainConfig | None = None,
     latent_noise: float = 0.1,
     callback: Callable[[TrainState], None] | None = None,
+    extra_metadata: dict | None = None,
 ) -> TrainState:
     """Train an :class:`Autoencoder` on ``dataset`` (an ImageDataset) into ``run_dir``.
 
     A run folder that already holds a checkpoint is resumed exactly, like every run folder; the
-    settings are stored beside the weights, and resuming with other settings is refused.
+    settings (with ``extra_metadata``) are stored beside the weights, and resuming with other settings
+    is refused.
     """
     channels = dataset.image_shape[0]
     config = config or AutoencoderConfig(in_channels=channels)
@@ -218,6 +220,7 @@ def train_autoencoder(
         "dataset": dataset.name,
         "image_shape": list(dataset.image_shape),
         "latent_noise": latent_noise,
+        **(extra_metadata or {}),
     }
     loss_fn = autoencoder_loss(latent_noise)
     return train(model, dataset, loss_fn, train_config, run_dir=run_dir, callback=callback, metadata=metadata)
@@ -374,6 +377,29 @@ def latent_unet_config(latent_channels: int = 4) -> UNetConfig:
         channel_multipliers=(1, 2),
         attention_levels=(-1,),
     )
+
+
+def glyph_autoencoder_config(width: int = 16) -> AutoencoderConfig:
+    """For the 32x32x3 glyphs: two halvings, 4 code channels (3,072 numbers become 8x8x4 = 256)."""
+    return AutoencoderConfig(in_channels=3, latent_channels=4, base_channels=width, num_downsamples=2)
+
+
+def glyph_latent_unet_config(width: int = 48, context_dim: int | None = None) -> UNetConfig:
+    """A U-Net for 8x8x4 codes: two levels (8x8, 4x4), self-attention at both, and cross-attention to a
+    prompt's token vectors where ``context_dim`` is set (notebook 10)."""
+    return UNetConfig(
+        in_channels=4, base_channels=width, channel_multipliers=(1, 2), attention_levels=(0, 1), num_heads=4,
+        context_dim=context_dim,
+    )  # fmt: skip
+
+
+def glyph_pixel_unet_config(width: int = 32, context_dim: int | None = None) -> UNetConfig:
+    """The pixel-space counterpart, for measuring what the codes save: 32x32x3 glyphs, three levels
+    (32, 16, 8), attention at 16x16 and 8x8."""
+    return UNetConfig(
+        in_channels=3, base_channels=width, channel_multipliers=(1, 2, 2), attention_levels=(1, 2), num_heads=4,
+        context_dim=context_dim,
+    )  # fmt: skip
 
 
 def train_latent_diffusion(

@@ -159,7 +159,7 @@ def load_run(run_dir: str | Path, device: str | torch.device | None = None) -> L
 def load_shipped_model(
     device: str | torch.device | None = None, conditional: bool = False, one_step: bool = False
 ) -> LoadedRun:
-    """A small U-Net trained on the built-in digits that ships with coursekit (notebooks 04-10).
+    """A small U-Net trained on the built-in digits that ships with coursekit (notebooks 04-11).
 
     ``conditional=True`` gives the one trained with class labels and label dropout (notebook 08);
     ``one_step=True`` the student distilled from the first down to one DDIM step (notebook 07).

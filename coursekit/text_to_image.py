@@ -14,11 +14,13 @@ classifier-free guidance.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from coursekit.attributes import AttributeReader, adherence, wilson_interval
 from coursekit.checkpoints import CheckpointError, float_weights, half_weights, load_checkpoint, load_model_weights
 from coursekit.device import pick_device
 from coursekit.glyphs import make_glyphs, vocabulary
@@ -27,6 +29,8 @@ from coursekit.latent import (
     AutoencoderConfig,
     decode_latents,
     encode_dataset,
+    glyph_autoencoder_config,
+    glyph_latent_unet_config,
     load_autoencoder,
     train_autoencoder,
 )
@@ -54,30 +58,57 @@ class TextToImageConfig:
     precision: str = "auto"
     device: str = "auto"
     seed: int = 0
+    progress: bool = False  # a progress bar for each part
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-def latent_text_unet_config(context_dim: int, width: int = 64) -> UNetConfig:
-    """A U-Net for 8x8x4 codes: two levels (8x8, 4x4), self- and cross-attention at both."""
-    return UNetConfig(
-        in_channels=4, base_channels=width, channel_multipliers=(1, 2), attention_levels=(0, 1), num_heads=4,
-        context_dim=context_dim,
-    )  # fmt: skip
-
-
-def glyph_autoencoder_config(width: int = 16) -> AutoencoderConfig:
-    """32x32x3 -> 8x8x4: two halvings, 4 code channels (3,072 numbers become 256)."""
-    return AutoencoderConfig(in_channels=3, latent_channels=4, base_channels=width, num_downsamples=2)
+    def recipe(self) -> dict:
+        """What is trained, without where and how it is shown (stored, and compared on resuming)."""
+        return {key: value for key, value in self.to_dict().items() if key not in ("device", "progress")}
 
 
 def _part_config(config: TextToImageConfig, steps: int, learning_rate: float, batch_size: int = 0) -> TrainConfig:
     return TrainConfig(
         max_steps=steps, batch_size=batch_size or config.batch_size, learning_rate=learning_rate, warmup_steps=50,
-        precision=config.precision, device=config.device, seed=config.seed, progress=False,
+        precision=config.precision, device=config.device, seed=config.seed, progress=config.progress,
         checkpoint_every_minutes=2.0,
     )  # fmt: skip
+
+
+def _data_settings(config: TextToImageConfig, batch_size: int = 0) -> dict:
+    """What a part's training draws from: stored with it, so that resuming on other data is refused
+    (the step counts may grow: resuming with more steps trains on)."""
+    return {"images": config.images, "seed": config.seed, "batch_size": batch_size or config.batch_size}
+
+
+def train_clip(run_dir: str | Path, config: TextToImageConfig | None = None, glyphs=None) -> TrainState:
+    """Train (or resume) the first part alone, the mini-CLIP, into ``run_dir/clip``: what
+    :func:`train_text_to_image` does first, so that a later call to it carries on from there."""
+    config = config or TextToImageConfig()
+    glyphs = glyphs if glyphs is not None else make_glyphs(config.images, seed=config.seed)
+    tokenizer = Tokenizer(vocabulary())
+    text_config = TextConfig(len(tokenizer))
+    torch.manual_seed(config.seed)
+    metadata = {"text_config": text_config.to_dict(), "tokenizer": tokenizer.to_dict(), "data": _data_settings(config)}
+    settings = _part_config(config, config.clip_steps, 2e-3)
+    model = MiniCLIP(text_config)
+    return train(model, caption_tensors(glyphs, tokenizer), clip_loss(), settings, run_dir=Path(run_dir) / "clip",
+                 metadata=metadata)  # fmt: skip
+
+
+def load_clip(run: str | Path, device: str | torch.device | None = None) -> tuple[MiniCLIP, Tokenizer]:
+    """The mini-CLIP of a text-to-image run (its ``clip`` part may be the only one trained yet) or bundle,
+    with its tokenizer."""
+    folder = Path(run) / "clip"
+    payload = _read_part(folder, PARTS["clip"]) if folder.is_dir() else read_parts(run)["clip"]
+    return _clip_and_tokenizer(payload, run, device)
+
+
+def _clip_and_tokenizer(payload: dict, run: str | Path, device) -> tuple[MiniCLIP, Tokenizer]:
+    words = payload["metadata"]["tokenizer"]
+    clip = build_clip(payload, f"{run} (mini-CLIP)").to(pick_device(device))
+    return clip, Tokenizer(words["words"], words["max_length"])
 
 
 def train_text_to_image(run_dir: str | Path, config: TextToImageConfig | None = None, report=print) -> dict:
@@ -92,29 +123,24 @@ def train_text_to_image(run_dir: str | Path, config: TextToImageConfig | None = 
     states: dict[str, TrainState] = {}
 
     # 1. The mini-CLIP: images and captions into one space; its text encoder becomes the prompt reader
-    text_config = TextConfig(len(tokenizer))
-    torch.manual_seed(config.seed)
-    clip = MiniCLIP(text_config)
-    clip_metadata = {"text_config": text_config.to_dict(), "tokenizer": tokenizer.to_dict()}
-    states["clip"] = train(clip, caption_tensors(glyphs, tokenizer), clip_loss(),
-                           _part_config(config, config.clip_steps, 2e-3), run_dir=run_dir / "clip",
-                           metadata=clip_metadata)  # fmt: skip
+    states["clip"] = train_clip(run_dir, config, glyphs)
     # 2. The autoencoder: glyphs <-> codes
     states["autoencoder"] = train_autoencoder(
         glyphs, run_dir / "autoencoder", glyph_autoencoder_config(config.autoencoder_width),
         _part_config(config, config.autoencoder_steps, 1e-3, config.autoencoder_batch_size),
+        extra_metadata={"data": _data_settings(config, config.autoencoder_batch_size)},
     )  # fmt: skip
     # 3. The U-Net on the scaled codes, reading the frozen text encoder's token vectors
     prompts = PromptEncoder(tokenizer, build_clip(_read_part(run_dir / "clip", PARTS["clip"])).text)
     latents = encode_dataset(load_autoencoder(run_dir / "autoencoder", device="cpu"), glyphs)
     schedule = make_schedule("linear", 1000)  # codes cannot be clipped: see coursekit.latent
-    unet_config = latent_text_unet_config(prompts.context_dim, config.unet_width)
+    unet_config = glyph_latent_unet_config(config.unet_width, context_dim=prompts.context_dim)
     torch.manual_seed(config.seed)
     unet_metadata = {
         "model_config": unet_config.to_dict(),
         "schedule": {"name": "linear", "num_steps": 1000},
         "latent_scale": latents.scale,
-        "text_to_image": {key: value for key, value in config.to_dict().items() if key != "device"},  # what, not where
+        "text_to_image": config.recipe(),
     }
     states["unet"] = train(
         UNet(unet_config), (latents.images, tokenizer.encode(glyphs.captions)),
@@ -238,12 +264,50 @@ def word_attention_maps(pipeline: TextToImage, caption: str, num_steps: int = 25
     return words, torch.stack(per_step), image
 
 
+@dataclass
+class AdherenceReport:
+    """What a prompt set's images show, read by the attribute reader (:mod:`coursekit.attributes`)."""
+
+    shares: dict[str, float]  # per attribute, the share of images that show what the prompt asked for
+    count: int  # prompts (one image each)
+    clip_score: float  # the mini-CLIP's mean cosine similarity of each image with its prompt
+    ms_per_image: float  # sampling and decoding, in batches of all the prompts
+
+    def interval(self, attribute: str) -> tuple[float, float]:
+        """The 95 % Wilson interval of one attribute's share."""
+        return wilson_interval(self.shares[attribute], self.count)
+
+    def describe(self, attribute: str) -> str:
+        low, high = self.interval(attribute)
+        return f"{self.shares[attribute]:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def prompt_sets(count: int = 200) -> dict[str, list]:
+    """The three sets of prompts that adherence is measured on (fixed seeds, so every report uses the same):
+    single characters of seen colour-character pairs, of held-out pairs, and two characters of seen pairs."""
+    return {
+        "seen pairs": make_glyphs(count, seed=50, two_fraction=0.0).scenes,
+        "held-out pairs": make_glyphs(count, seed=51, split="held_out", two_fraction=0.0).scenes,
+        "two characters": make_glyphs(count, seed=52, two_fraction=1.0).scenes,
+    }
+
+
+def measure_adherence(pipeline: TextToImage, reader: AttributeReader, scenes: list, guidance_scale: float = 3.0,
+                      num_steps: int = 25, seed: int = 1) -> AdherenceReport:  # fmt: skip
+    """Paint one image per scene's caption and read back what it shows (timed)."""
+    captions = [scene.caption for scene in scenes]
+    started = time.perf_counter()
+    images, _ = pipeline.generate(captions, guidance_scale=guidance_scale, num_steps=num_steps, seed=seed)
+    milliseconds = 1000 * (time.perf_counter() - started) / len(captions)
+    clip_score = pipeline.clip.score(images, pipeline.prompts.ids(captions).to(images.device)).mean().item()
+    return AdherenceReport(adherence(reader.read(images), scenes), len(scenes), clip_score, milliseconds)
+
+
 def load_text_to_image(run: str | Path, device: str | torch.device | None = None) -> TextToImage:
     """Read back the three parts trained by :func:`train_text_to_image` (a run folder or a bundle file)."""
     parts, device = read_parts(run), pick_device(device)
-    clip = build_clip(parts["clip"], f"{run} (mini-CLIP)").to(device)
-    words = parts["clip"]["metadata"]["tokenizer"]
-    prompts = PromptEncoder(Tokenizer(words["words"], words["max_length"]), clip.text)
+    clip, tokenizer = _clip_and_tokenizer(parts["clip"], run, device)
+    prompts = PromptEncoder(tokenizer, clip.text)
     autoencoder = Autoencoder(AutoencoderConfig(**parts["autoencoder"]["metadata"]["autoencoder_config"]))
     load_model_weights(autoencoder, float_weights(parts["autoencoder"]["ema"]), f"{run} (autoencoder)")
     metadata = parts["unet"]["metadata"]

@@ -64,7 +64,7 @@ def test_committed_exercises_match_their_solutions():
     )
 
 
-NO_EXERCISE = {"00": "the intuition, before any code to write", "11": "the closing map onto diffusers"}
+NO_EXERCISE = {"00": "the intuition, before any code to write", "12": "the closing map onto diffusers"}
 
 
 def test_every_notebook_from_01_on_has_an_exercise_with_two_to_five_questions():

@@ -1,6 +1,6 @@
 """The grader on the solutions, on untouched exercises, and on broken and hostile submissions.
 
-One folder holds 9 solutions, 9 untouched exercises and 29 broken or hostile fixtures (47 notebooks,
+One folder holds 11 solutions, 11 untouched exercises and 29 broken or hostile fixtures (51 notebooks,
 several of which try to kill the grader, forge their outputs or write outside their folder); the
 whole folder is graded once, and every test below reads that run.
 """
@@ -63,7 +63,7 @@ def _results(row):
 
 
 def test_every_submission_gets_a_row_and_none_is_modified(graded):
-    assert graded["count"] == len(list(FIXTURES.glob("*.ipynb"))) + 2 * len(EXERCISES) == 49
+    assert graded["count"] == len(list(FIXTURES.glob("*.ipynb"))) + 2 * len(EXERCISES) == 51
     assert len(graded["rows"]) == graded["count"]
     assert graded["before"] == graded["after"]
     for escaped in ESCAPES:
@@ -84,7 +84,7 @@ EXERCISES = sorted(path.stem for path in (ROOT / "solutions").glob("*.ipynb"))
 
 
 def test_solutions_get_full_marks(graded):
-    assert len(EXERCISES) == 10
+    assert len(EXERCISES) == 11
     for name in EXERCISES:
         row = graded["rows"][f"solutions/{name}.ipynb"]
         assert row.total == row.maximum > 0 and row.error == "" and row.review == [], (name, row.error, row.review)

@@ -2,6 +2,7 @@
 
 import shutil
 from collections import namedtuple
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +33,11 @@ def test_the_report_covers_the_machine_data_widgets_and_run_times(roomy_machine)
     assert report.speed_ratio > 0
     text = report.summary()
     assert "Ready for the course." in text and "03_training" in text and "1438 images" in text
+
+
+def test_every_notebook_of_the_course_has_an_estimate():
+    on_disk = sorted(path.stem for path in (Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
+    assert [notebook.name for notebook in preflight.NOTEBOOKS] == on_disk
 
 
 def test_estimates_scale_with_speed_and_respect_time_budgets():

@@ -1,12 +1,13 @@
-"""Question bank, part two: the exercises of notebooks 05-10 (fewer steps, flow matching, one step,
-control, latents, editing).
+"""Question bank, part two: the exercises of notebooks 05-11 (fewer steps, flow matching, one step,
+control, latents, the text prompt, editing).
 
 As in part one, each exercise asks for a variation on what its notebook shows (a stochastic DDIM step,
 the solver written for a noise prediction, a path with a floor of noise, a diffusion sample read as a
 flow sample, a distillation target in v with the clean image as an end, two Euler steps folded into
-one, conditions dropped whole, two guidance directions at once,
-a strength per image), so that the notebook's worked cells do not answer it. References first, then
-the cases they are tried on, the mistakes learners make, and the questions.
+one, conditions dropped whole, two guidance directions at once, CLIP's loss from raw features with a
+temperature, cross-attention written with plain matrices, a strength per image), so that the notebook's
+worked cells do not answer it. References first, then the cases they are tried on, the mistakes learners
+make, and the questions.
 """
 
 from __future__ import annotations
@@ -1180,7 +1181,178 @@ register(
 )
 
 
-# ============================================================================= 10: editing
+# ============================================================================= 10: the text prompt
+
+
+def reference_clip_loss(image_features, text_features, temperature):
+    image = F.normalize(image_features, dim=-1)  # unit length: the dot product is the cosine similarity
+    text = F.normalize(text_features, dim=-1)
+    logits = image @ text.T / temperature  # logits[i, j]: image i against caption j
+    targets = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def reference_cross_attention(pixels, tokens, mask, w_query, w_key, w_value):
+    queries = pixels @ w_query  # (B, N, d): what each position looks for
+    keys = tokens @ w_key  # (B, L, d): what each word offers
+    values = tokens @ w_value  # (B, L, d): what each word hands over
+    scores = queries @ keys.transpose(1, 2) / math.sqrt(queries.shape[-1])  # (B, N, L)
+    scores = scores.masked_fill(~mask[:, None, :], float("-inf"))  # padding gets no attention
+    return scores.softmax(dim=-1) @ values
+
+
+def _cases_clip_loss() -> list[dict]:
+    generator = seeded_generator(31)
+    cases = []
+    for batch, width, temperature, closeness, dtype in ((6, 8, 0.07, 1.5, torch.float32),
+                                                        (3, 5, 1.0, 1.0, torch.float64),
+                                                        (10, 16, 0.5, 0.1, torch.float32)):  # fmt: skip
+        image = torch.randn(batch, width, generator=generator, dtype=dtype) * 3
+        text = 0.5 * image + closeness * torch.randn(batch, width, generator=generator, dtype=dtype)
+        text[0] *= 4  # lengths differ: only the directions may count
+        cases.append({"image_features": image, "text_features": text, "temperature": temperature,
+                      "label": f"{batch} pairs of width {width}, temperature {temperature}"})  # fmt: skip
+    return cases
+
+
+def _cases_cross_attention() -> list[dict]:
+    generator = seeded_generator(32)
+    cases = []
+    for batch, positions, channels, length, token_width, width, real, dtype in (
+        (2, 16, 6, 5, 4, 3, (5, 5), torch.float32),  # no padding yet
+        (1, 4, 5, 3, 7, 2, (1,), torch.float32),
+        (3, 9, 8, 6, 4, 8, (6, 2, 4), torch.float64),
+    ):
+        tokens = torch.randn(batch, length, token_width, generator=generator, dtype=dtype)
+        mask = torch.arange(length)[None, :] < torch.tensor(real)[:, None]
+        tokens[~mask] = 5.0  # padding vectors are loud: they must still get no attention
+        cases.append({
+            "pixels": torch.randn(batch, positions, channels, generator=generator, dtype=dtype),
+            "tokens": tokens,
+            "mask": mask,
+            "w_query": torch.randn(channels, width, generator=generator, dtype=dtype),
+            "w_key": torch.randn(token_width, width, generator=generator, dtype=dtype),
+            "w_value": torch.randn(token_width, width, generator=generator, dtype=dtype),
+            "label": f"{batch} image(s) of {positions} positions, {length} tokens ({', '.join(map(str, real))} real)",
+        })  # fmt: skip
+    return cases
+
+
+def _call_cross_attention(implementation, case):
+    keys = ("pixels", "tokens", "mask", "w_query", "w_key", "w_value")
+    return implementation(*(case[key] for key in keys))
+
+
+def _clip_loss_with(one_way=False, raw=False, times=False, summed=False, normalise_dim=-1):
+    def loss(image_features, text_features, temperature):
+        image, text = image_features, text_features
+        if not raw:
+            image, text = F.normalize(image, dim=normalise_dim), F.normalize(text, dim=normalise_dim)
+        logits = image @ text.T * temperature if times else image @ text.T / temperature
+        targets = torch.arange(len(logits))
+        if one_way:
+            return F.cross_entropy(logits, targets)
+        total = F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)
+        return total if summed else total / 2
+
+    return loss
+
+
+def _attention_with(mask="before", dim=-1, scale="sqrt d", swap=False):
+    def attention(pixels, tokens, mask_, w_query, w_key, w_value):
+        queries = pixels @ w_query
+        keys, values = (tokens @ w_value, tokens @ w_key) if swap else (tokens @ w_key, tokens @ w_value)
+        divisor = {"sqrt d": math.sqrt(queries.shape[-1]), "none": 1.0, "d": queries.shape[-1],
+                   "sqrt C": math.sqrt(pixels.shape[-1])}[scale]  # fmt: skip
+        scores = queries @ keys.transpose(1, 2) / divisor
+        if mask == "before":
+            scores = scores.masked_fill(~mask_[:, None, :], float("-inf"))
+        weights = scores.softmax(dim=dim)
+        if mask == "after":
+            weights = weights * mask_[:, None, :]
+        return weights @ values
+
+    return attention
+
+
+register(
+    Question(
+        "10.q1",
+        3,
+        "clip_loss",
+        reference_clip_loss,
+        _cases_clip_loss,
+        lambda f, c: f(c["image_features"], c["text_features"], c["temperature"]),
+        "unit-length features first, the similarities divided by the temperature, and the loss taken both ways "
+        "(each image picks its caption, each caption its image), averaged",
+        "normalise both (F.normalize(..., dim=-1)); logits = image @ text.T / temperature; "
+        "targets = torch.arange(B); (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2",
+        mistakes=[
+            Mistake(
+                "only one direction: captions must also pick their images (use logits.T too)",
+                _clip_loss_with(one_way=True),
+            ),
+            Mistake(
+                "the features are not normalised: CLIP compares directions (cosine similarity), not lengths",
+                _clip_loss_with(raw=True),
+            ),
+            Mistake("divide the similarities by the temperature, do not multiply", _clip_loss_with(times=True)),
+            Mistake("average the two directions, do not add them", _clip_loss_with(summed=True)),
+            Mistake(
+                "normalise each feature vector (dim=-1), not each feature across the batch (dim=0)",
+                _clip_loss_with(normalise_dim=0),
+            ),
+        ],  # fmt: skip
+        forbidden={"contrastive_loss", "MiniCLIP"},
+    )
+)
+register(
+    Question(
+        "10.q2",
+        3,
+        "cross_attention",
+        reference_cross_attention,
+        _cases_cross_attention,
+        _call_cross_attention,
+        "queries from the pixels, keys and values from the tokens; scores divided by the square root of the "
+        "query width; padding set to minus infinity before the softmax over the tokens",
+        "q = pixels @ w_query; k = tokens @ w_key; v = tokens @ w_value; scores = q @ k.transpose(1, 2) / "
+        "sqrt(d); scores.masked_fill(~mask[:, None, :], -inf).softmax(dim=-1) @ v",
+        mistakes=[
+            Mistake("the padding tokens were attended to: mask them out", _attention_with(mask="none")),
+            Mistake(
+                "mask before the softmax (minus infinity), so that the real tokens' weights still add up to 1",
+                _attention_with(mask="after"),
+            ),
+            Mistake(
+                "the softmax runs over the tokens (the last dimension): each position shares out its attention",
+                _attention_with(dim=1),
+            ),
+            Mistake(
+                "the scores are divided by sqrt(d), the width of the queries and keys", _attention_with(scale="none")
+            ),
+            Mistake("divide by the square root of d, not by d", _attention_with(scale="d")),
+            Mistake(
+                "d is the width of the queries and keys (w_query's columns), not the pixels' channels",
+                _attention_with(scale="sqrt C"),
+            ),
+            Mistake("keys come from w_key and values from w_value", _attention_with(swap=True)),
+        ],  # fmt: skip
+        forbidden={"CrossAttention", "scaled_dot_product_attention"},
+    )
+)
+register(
+    Written(
+        "10.q3",
+        2,
+        "In the notebook's adherence table, prompts with a colour and character never seen together in training "
+        "come out almost as well as seen ones, yet prompts with two characters often swap their colours or "
+        "characters. Explain both with what cross-attention lets each position of the image read.",
+    )
+)
+
+
+# ============================================================================= 11: editing
 
 
 def reference_edit_start(images, strengths, alpha_bar, noise):
@@ -1291,7 +1463,7 @@ def _merge_without_reshaping(x_generated, images, mask, alpha_bar_t, noise):
 
 register(
     Question(
-        "10.q1",
+        "11.q1",
         2,
         "edit_start",
         reference_edit_start,
@@ -1322,7 +1494,7 @@ register(
 )
 register(
     Question(
-        "10.q2",
+        "11.q2",
         3,
         "merge_known",
         reference_merge_known,
@@ -1348,7 +1520,7 @@ register(
 )
 register(
     Written(
-        "10.q3",
+        "11.q3",
         2,
         "An edit of strength 0.2 and one of strength 0.8 start from the same photo. Which keeps more of it, "
         "which gives the model more freedom, and why?",

@@ -3,7 +3,7 @@
 A question names the function (or class) the learner writes, the reference it is compared with, the
 cases it is tried on (edge cases included), two hints (a nudge, then the formula) and a catalogue of
 common mistakes. The questions themselves live in the question banks (``bank_part1``: notebooks
-01-04, ``bank_part2``: 05-10). In a notebook::
+01-04, ``bank_part2``: 05-11). In a notebook::
 
     from coursekit.checks import check, hint, learner_or_reference
     check("01.q2")                              # prints: passed, not implemented yet, or what went wrong
@@ -364,7 +364,7 @@ def to_plain(output):
         return output.detach().cpu().clone() if type(output) is torch.Tensor else torch.Tensor(output.cpu())
     if isinstance(output, dict):
         return {str(key): to_plain(value) for key, value in output.items()}
-    if isinstance(output, (tuple, list)):  # e.g. (x_t, t) in 10.q1
+    if isinstance(output, (tuple, list)):  # e.g. (x_t, t) in 11.q1
         return (tuple if isinstance(output, tuple) else list)(to_plain(value) for value in output)
     if isinstance(output, (int, float, str, bool)) or output is None:
         return output if type(output) in (int, float, str, bool, type(None)) else type(output).__mro__[-2](output)

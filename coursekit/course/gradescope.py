@@ -107,7 +107,7 @@ def validate_results(results: dict) -> list[str]:
 def write_bundle(folder: str | Path, exercise: str | None = None) -> Path:
     """The autograder folder (setup.sh, run_autograder, coursekit's source) and autograder.zip inside it."""
     if exercise is not None and not questions_for(exercise):
-        raise ValueError(f"no exercise {exercise!r}; the exercises are 01 to 10")
+        raise ValueError(f"no exercise {exercise!r}; the exercises are 01 to 11")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "setup.sh").write_text(SETUP)

@@ -37,7 +37,7 @@ class Notebook:
     budget_minutes: float = 0.0  # that run's time limit
     step_cost: float = 1.0  # one of its steps against a step of the course U-Net on 16x16 digits
     whole_budget_off_cuda: bool = False  # without CUDA it trains for the whole budget, whatever the steps
-    whole_budget: bool = False  # it trains for the whole budget on every device (06: equal minutes for two models)
+    whole_budget: bool = False  # it trains for the whole budget on every device (06, 09: equal minutes, two models)
 
 
 # Full runs on the reference machine (REFERENCE_MACHINE), `python tools/run_notebooks.py`.
@@ -51,9 +51,10 @@ NOTEBOOKS = [
     Notebook("06_flow_matching", 120, budget_minutes=10, whole_budget=True),
     Notebook("07_one_step", 61, training_steps=2400, budget_minutes=math.inf, step_cost=2.6),  # no time cap
     Notebook("08_control", 76, training_steps=4000, budget_minutes=8),
-    Notebook("09_latent_diffusion", 105, training_steps=6000, budget_minutes=5, step_cost=0.37),
-    Notebook("10_editing", 220),
-    Notebook("11_road_to_diffusers", 60, training_steps=3000, budget_minutes=4, step_cost=1.5),
+    Notebook("09_latent_diffusion", 148, budget_minutes=6, whole_budget=True),  # latent and pixels, 3 minutes each
+    Notebook("10_text_prompt", 798),  # the three parts train by step counts (800, 1,500, 3,000)
+    Notebook("11_editing", 220),
+    Notebook("12_road_to_diffusers", 60, training_steps=3000, budget_minutes=4, step_cost=1.5),
 ]
 REFERENCE_MACHINE = "2-core x86_64 CPU (AVX-512), torch 2.14.1, 2026-11-25"
 REFERENCE_SECONDS_PER_STEP = 0.104  # one training step of the course U-Net, batch 128, fp32 (measure_speed)
@@ -246,29 +247,38 @@ def _run_preflight(device: str | torch.device | None, measure: bool) -> Prefligh
 
 def _data_check() -> Check:
     from coursekit.data import load_dataset
+    from coursekit.glyphs import make_glyphs
 
     try:
         digits = load_dataset("digits")
     except Exception as error:  # anything that stops the built-in data is worth a FIX line
         return Check("data", False, f"the built-in digits do not load ({error}); reinstall scikit-learn")
-    return Check("data", True, f"built-in digits load offline ({len(digits)} images, {digits.image_shape})")
+    try:
+        make_glyphs(4)
+    except Exception as error:  # the glyphs are drawn with matplotlib's own fonts
+        return Check("data", False, f"the built-in glyphs cannot be drawn ({error}); reinstall matplotlib")
+    return Check("data", True, f"built-in digits ({len(digits)} images) and glyphs load offline")
 
 
 def _shipped_models_check() -> Check:
+    from coursekit.attributes import load_attribute_reader
     from coursekit.runs import load_shipped_model
+    from coursekit.text_to_image import SHIPPED_NAME, load_text_to_image
 
     try:
-        for conditional in (False, True):
-            load_shipped_model(device="cpu", conditional=conditional)
+        for options in ({}, {"conditional": True}, {"one_step": True}):
+            load_shipped_model(device="cpu", **options)
+        load_text_to_image(SHIPPED_NAME, device="cpu")
+        load_attribute_reader()
     except Exception as error:  # a damaged install
         return Check("models", False, f"a shipped model does not load ({error}); reinstall coursekit")
-    return Check("models", True, "both shipped models load (for skipping the training)")
+    return Check("models", True, "the five shipped models load (for skipping the training)")
 
 
 def _diffusers_check() -> Check:
-    """Only the closing notebook 11 needs diffusers: its absence is a note, not a FIX."""
+    """Only the closing notebook 12 needs diffusers: its absence is a note, not a FIX."""
     if importlib.util.find_spec("diffusers") is None:
-        return Check("diffusers", True, "not installed; only notebook 11 needs it: pip install diffusers")
+        return Check("diffusers", True, "not installed; only notebook 12 needs it: pip install diffusers")
     import diffusers
 
-    return Check("diffusers", True, f"{diffusers.__version__} (for notebook 11)")
+    return Check("diffusers", True, f"{diffusers.__version__} (for notebook 12)")
