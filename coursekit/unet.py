@@ -130,7 +130,9 @@ class CrossAttention(nn.Module):
 
     Queries come from the pixels, keys and values from the token vectors (Rombach et al., Eq. 3);
     ``context_mask`` (B, L) is True for real tokens, and padding gets no attention. The last attention
-    weights are kept in ``last_maps`` (B, heads, H * W, L): where each word looked.
+    weights are kept in ``last_maps`` (B, heads, H * W, L): where each word looked. Under
+    ``torch.enable_grad()`` they keep their graph, so that an energy read from them can be
+    differentiated with respect to the input (self-guidance, coursekit.self_guidance).
     """
 
     def __init__(self, channels: int, context_dim: int, num_heads: int = 1):
@@ -155,7 +157,7 @@ class CrossAttention(nn.Module):
         if context_mask is not None:
             scores = scores.masked_fill(~context_mask[:, None, None, :].to(scores.device), float("-inf"))
         weights = scores.softmax(dim=-1)
-        self.last_maps = weights.detach()
+        self.last_maps = weights if torch.is_grad_enabled() else weights.detach()
         attended = (weights @ v).transpose(-1, -2).reshape(batch, channels, height, width)
         return x + self.proj(attended)
 
