@@ -65,15 +65,17 @@ def size(maps: torch.Tensor, sharpness: float = SHARPNESS) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Move:
-    """Move the object of ``word`` so that its centroid lands at ``to`` = (x, y), each in [0, 1]."""
+    """Move the object of ``word`` so that its centroid lands at ``to`` = (x, y), each in [0, 1].
+    ``word`` may name several words of the prompt ("green 3"): their maps are averaged."""
 
     word: str
     to: tuple[float, float]
+    keep_size: bool = False  # also hold the object's size at the unguided run's (a move, not a resize)
 
 
 @dataclass(frozen=True)
 class Resize:
-    """Scale the area the object of ``word`` covers by ``factor`` (2: twice the area, 0.5: half)."""
+    """Scale the area the object of ``word`` (one word or several) covers by ``factor`` (2: twice the area)."""
 
     word: str
     factor: float
@@ -91,7 +93,12 @@ def edit_energy(edit: Move | Resize, maps: torch.Tensor, reference_size: torch.T
     """The energy of one edit for a batch of one word's maps (B, H, W): (B,), zero when it is met."""
     if isinstance(edit, Move):
         target = torch.tensor(edit.to, device=maps.device, dtype=maps.dtype)
-        return (centroid(maps) - target).abs().sum(dim=1)
+        energy = (centroid(maps) - target).abs().sum(dim=1)
+        if edit.keep_size:
+            if reference_size is None:
+                raise ValueError("a Move that keeps its size needs the unguided run's sizes (reference_size)")
+            energy = energy + (size(maps) - reference_size).abs()
+        return energy
     if isinstance(edit, Resize):
         if reference_size is None:
             raise ValueError("a Resize needs the unguided run's sizes (reference_size)")
@@ -155,7 +162,12 @@ def self_guided_generate(
         raise ValueError(f"{len(captions)} prompts but {len(edits)} edits; give one edit (or None) per prompt")
     unet, schedule, count = pipeline.unet, pipeline.schedule, len(captions)
     device = next(unet.parameters()).device
-    indices = torch.tensor([word_index(c, e.word) if e is not None else 0 for c, e in zip(captions, edits)])
+    # which tokens each edit reads: its words' positions, as weights that average their maps
+    token_weights = torch.zeros(count, pipeline.prompts.tokenizer.max_length, device=device)
+    for i, (caption, edit) in enumerate(zip(captions, edits)):
+        if edit is not None:
+            positions = [word_index(caption, word) for word in edit.word.split()]
+            token_weights[i, positions] = 1 / len(positions)
     active = torch.tensor([e is not None for e in edits], device=device).view(-1, 1, 1, 1)
     context, mask = pipeline.prompts.to(device).encode(list(captions))
     empty, empty_mask = pipeline.prompts.encode([""] * count)
@@ -174,7 +186,7 @@ def self_guided_generate(
                 eps_prompt, eps_empty = unet(torch.cat([x, x]), torch.cat([t, t]), context=both,
                                              context_mask=both_mask).chunk(2)  # fmt: skip
                 eps = (eps_empty + guidance_scale * (eps_prompt - eps_empty)).detach()
-                maps = full_resolution_word_maps(unet, count)[torch.arange(count), indices.to(device)]  # (N, H, W)
+                maps = torch.einsum("nlhw,nl->nhw", full_resolution_word_maps(unet, count), token_weights)
                 if not guided:
                     reference_sizes.append(size(maps).detach())
                 energy = _edit_energies(edits, maps, reference_sizes[step])

@@ -136,6 +136,16 @@ def test_descending_a_move_energy_moves_the_centroid_to_its_target():
     assert edit_energy(Resize("3", 2.0), maps, reference_size=size(maps).detach() / 2).item() < 1e-6
 
 
+def test_a_move_that_keeps_its_size_adds_the_size_difference():
+    maps = _disc(8, centre=(2.0, 5.0), radius=2.0).float()[None]
+    plain = edit_energy(Move("3", to=(0.5, 0.5)), maps)
+    same_size = edit_energy(Move("3", to=(0.5, 0.5), keep_size=True), maps, reference_size=size(maps))
+    bigger = edit_energy(Move("3", to=(0.5, 0.5), keep_size=True), maps, reference_size=size(maps) + 0.1)
+    assert torch.allclose(same_size, plain) and torch.allclose(bigger, plain + 0.1)
+    with pytest.raises(ValueError, match="reference_size"):
+        edit_energy(Move("3", to=(0.5, 0.5), keep_size=True), maps)
+
+
 def test_edits_name_words_of_their_prompt():
     assert word_index("a large green 3 on the left", "3") == 3
     with pytest.raises(ValueError, match="not a word of the prompt"):
