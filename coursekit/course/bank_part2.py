@@ -1526,3 +1526,124 @@ register(
         "which gives the model more freedom, and why?",
     )
 )
+
+
+# ----------------------------------------------------------------------------- 11, part two: guidance by gradients
+
+
+def reference_attention_centroid(maps):
+    height, width = maps.shape[-2:]
+    ys = (torch.arange(height, dtype=maps.dtype) + 0.5) / height  # pixel centres, in [0, 1]
+    xs = (torch.arange(width, dtype=maps.dtype) + 0.5) / width
+    weights = maps / maps.sum(dim=(1, 2), keepdim=True)
+    return torch.stack([(weights.sum(dim=1) * xs).sum(dim=1), (weights.sum(dim=2) * ys).sum(dim=1)], dim=1)
+
+
+def reference_guided_noise(eps, gradient, alpha_bar_t, weight):
+    sigma = (1 - alpha_bar_t).sqrt().to(eps.dtype).view(-1, *([1] * (eps.ndim - 1)))  # sqrt(1 - alpha_bar_t)
+    return eps + weight * sigma * gradient
+
+
+def _cases_attention_centroid() -> list[dict]:
+    generator = seeded_generator(41)
+    corner = torch.zeros(1, 4, 6)
+    corner[0, 0, 5] = 2.0  # one bright position: the top right corner's centre
+    return [
+        {"maps": torch.rand(3, 8, 8, generator=generator) ** 4, "label": "3 random maps of 8 x 8"},
+        {"maps": corner, "label": "one bright position in a 4 x 6 map"},
+        {"maps": torch.rand(2, 5, 7, generator=generator, dtype=torch.float64) * 3,
+         "label": "float64, 5 x 7, not summing to 1"},
+    ]  # fmt: skip
+
+
+def _cases_guided_noise() -> list[dict]:
+    generator = seeded_generator(42)
+    cases = []
+    for shape, alpha_bars, weight, dtype in (((3, 1, 4, 4), (0.9, 0.5, 0.01), 2.0, torch.float32),
+                                             ((1, 2, 3, 3), (0.3,), 0.5, torch.float32),
+                                             ((2, 4, 2, 2), (1.0, 0.0004), 3.0, torch.float64)):  # fmt: skip
+        cases.append({
+            "eps": torch.randn(shape, generator=generator, dtype=dtype),
+            "gradient": torch.randn(shape, generator=generator, dtype=dtype) * 2,
+            "alpha_bar_t": torch.tensor(alpha_bars, dtype=torch.float64),
+            "weight": weight,
+            "label": f"{shape[0]} image(s) at alpha_bar {alpha_bars}, weight {weight}",
+        })  # fmt: skip
+    return cases
+
+
+def _centroid_with(centres=True, swap=False, unnormalised=False, last_index=False):
+    def centroid(maps):
+        height, width = maps.shape[-2:]
+        if last_index:
+            ys = torch.arange(height, dtype=maps.dtype) / (height - 1)
+            xs = torch.arange(width, dtype=maps.dtype) / (width - 1)
+        else:
+            offset = 0.5 if centres else 0.0
+            ys = (torch.arange(height, dtype=maps.dtype) + offset) / height
+            xs = (torch.arange(width, dtype=maps.dtype) + offset) / width
+        weights = maps if unnormalised else maps / maps.sum(dim=(1, 2), keepdim=True)
+        x, y = (weights.sum(dim=1) * xs).sum(dim=1), (weights.sum(dim=2) * ys).sum(dim=1)
+        return torch.stack([y, x] if swap else [x, y], dim=1)
+
+    return centroid
+
+
+def _guided_with(sign=1.0, root_of="one minus", square_root=True):
+    def guided(eps, gradient, alpha_bar_t, weight):
+        a = alpha_bar_t.to(eps.dtype).view(-1, *([1] * (eps.ndim - 1)))
+        scale = 1 - a if root_of == "one minus" else a
+        return eps + sign * weight * (scale.sqrt() if square_root else scale) * gradient
+
+    return guided
+
+
+register(
+    Question(
+        "11.q4",
+        2,
+        "attention_centroid",
+        reference_attention_centroid,
+        _cases_attention_centroid,
+        lambda f, c: f(c["maps"]),
+        "each map is first made to sum to 1; a position counts with the coordinates of its centre, x along "
+        "the width first, then y",
+        "xs = (arange(W) + 0.5) / W, ys = (arange(H) + 0.5) / H; weights = maps / maps.sum((1, 2), keepdim=True); "
+        "x = (weights.sum(1) * xs).sum(1), y = (weights.sum(2) * ys).sum(1); stack([x, y], dim=1)",
+        mistakes=[
+            Mistake("a position's coordinate is its centre: (index + 0.5) / size", _centroid_with(centres=False)),
+            Mistake("x (along the width) comes first, then y", _centroid_with(swap=True)),
+            Mistake(
+                "normalise each map to sum to 1 before weighting the coordinates", _centroid_with(unnormalised=True)
+            ),
+            Mistake("divide (index + 0.5) by the size, not the index by size - 1", _centroid_with(last_index=True)),
+        ],  # fmt: skip
+        forbidden={"centroid"},
+    )
+)
+register(
+    Question(
+        "11.q5",
+        2,
+        "guided_noise",
+        reference_guided_noise,
+        _cases_guided_noise,
+        lambda f, c: f(c["eps"], c["gradient"], c["alpha_bar_t"], c["weight"]),
+        "the energy's gradient is added (the guided noise points up the energy, so the sampler goes down it), "
+        "scaled by the noise level sqrt(1 - alpha_bar_t), one per image",
+        "sigma = sqrt(1 - alpha_bar_t) cast to eps' dtype and reshaped to (B, 1, 1, 1); return eps + weight * "
+        "sigma * gradient",
+        mistakes=[
+            Mistake(
+                "add the gradient of the energy: the sampler subtracts the noise, so it descends the energy",
+                _guided_with(sign=-1.0),
+            ),
+            Mistake(
+                "the scale is the noise's standard deviation, sqrt(1 - alpha_bar_t), not sqrt(alpha_bar_t)",
+                _guided_with(root_of="alpha"),
+            ),
+            Mistake("1 - alpha_bar_t is a variance: take its square root", _guided_with(square_root=False)),
+        ],  # fmt: skip
+        forbidden={"gradient_guidance", "energy_gradient"},
+    )
+)

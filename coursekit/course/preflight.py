@@ -53,7 +53,7 @@ NOTEBOOKS = [
     Notebook("08_control", 76, training_steps=4000, budget_minutes=8),
     Notebook("09_latent_diffusion", 148, budget_minutes=6, whole_budget=True),  # latent and pixels, 3 minutes each
     Notebook("10_text_prompt", 798),  # the three parts train by step counts (800, 1,500, 3,000)
-    Notebook("11_editing", 220),
+    Notebook("11_editing", 514),
     Notebook("12_road_to_diffusers", 60, training_steps=3000, budget_minutes=4, step_cost=1.5),
 ]
 REFERENCE_MACHINE = "2-core x86_64 CPU (AVX-512), torch 2.14.1, 2026-11-25"
