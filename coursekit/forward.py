@@ -35,6 +35,20 @@ def add_noise(
     return x_t, noise
 
 
+def noise_at_random_steps(
+    x0: torch.Tensor, schedule: NoiseSchedule, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One uniformly drawn timestep per example and the jump to it: ``(x_t, t, noise)`` (DDPM Algorithm 1,
+    lines 3-4). The draws happen on the generator's device (the CPU for a CPU generator), so that a seed
+    gives the same draws on every machine, and then move to the data's device."""
+    draw_device = generator.device if generator is not None else x0.device
+    t = torch.randint(0, schedule.num_steps, (x0.shape[0],), generator=generator, device=draw_device)
+    noise = torch.randn(x0.shape, generator=generator, device=draw_device)
+    t, noise = t.to(x0.device), noise.to(x0.device, x0.dtype)
+    x_t, noise = add_noise(x0, t, schedule, noise=noise)
+    return x_t, t, noise
+
+
 def noising_step(
     x_prev: torch.Tensor,
     t: torch.Tensor,

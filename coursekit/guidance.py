@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coursekit.embeddings import sinusoidal_embedding
-from coursekit.forward import add_noise
+from coursekit.forward import noise_at_random_steps
 from coursekit.schedules import NoiseSchedule
 from coursekit.unet import group_norm
 
@@ -85,11 +85,8 @@ def noisy_classifier_loss(schedule: NoiseSchedule):
 
     def loss_fn(model: NoisyClassifier, batch: tuple, generator: torch.Generator | None = None) -> torch.Tensor:
         images, labels = batch[0], batch[1]
-        draw_device = generator.device if generator is not None else images.device
-        t = torch.randint(0, schedule.num_steps, (len(images),), generator=generator, device=draw_device)
-        noise = torch.randn(images.shape, generator=generator, device=draw_device)
-        x_t, _ = add_noise(images, t.to(images.device), schedule, noise=noise.to(images.device, images.dtype))
-        return F.cross_entropy(model(x_t, t.to(images.device)).float(), labels)
+        x_t, t, _ = noise_at_random_steps(images, schedule, generator)
+        return F.cross_entropy(model(x_t, t).float(), labels)
 
     return loss_fn
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from coursekit.forward import add_noise
+from coursekit.forward import noise_at_random_steps
 from coursekit.parameterization import alpha_sigma, check_prediction, output_for
 from coursekit.schedules import NoiseSchedule
 
@@ -33,14 +33,7 @@ def noise_prediction_loss(
     (Salimans & Ho 2022) or the clean image instead; ``parameterization.output_for`` gives the target.
     """
     check_prediction(prediction)
-    batch_size = x0.shape[0]
-    # Draw on the generator's device (the CPU for a CPU generator) so that a seed gives the same
-    # draws on every machine, then move to the data's device.
-    draw_device = generator.device if generator is not None else x0.device
-    t = torch.randint(0, schedule.num_steps, (batch_size,), generator=generator, device=draw_device)
-    noise = torch.randn(x0.shape, generator=generator, device=draw_device)
-    t, noise = t.to(x0.device), noise.to(x0.device, x0.dtype)
-    x_t, noise = add_noise(x0, t, schedule, noise=noise)
+    x_t, t, noise = noise_at_random_steps(x0, schedule, generator)  # Algorithm 1, lines 3-4
     if class_labels is None:
         eps_pred = model(x_t, t)
     else:

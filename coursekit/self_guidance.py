@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from coursekit.latent import decode_latents
+from coursekit.prompts import with_prompt_guidance
 from coursekit.samplers import get_sampler
 
 SHARPNESS = 10.0  # of the soft threshold: a map at its maximum counts 0.99, one at zero 0.007
@@ -109,16 +110,6 @@ def edit_energy(edit: Move | Resize, maps: torch.Tensor, reference_size: torch.T
 # ----------------------------------------------------------------------------- guided sampling
 
 
-def full_resolution_word_maps(unet, count: int) -> torch.Tensor:
-    """The last call's cross-attention from each position of the full-size code to each token, averaged over
-    the heads and the full-size blocks, for the first ``count`` images of the batch: (count, L, H, W)."""
-    maps = unet.cross_attention_maps()
-    positions = max(m.shape[2] for m in maps)
-    side = int(positions**0.5)
-    full = torch.stack([m[:count] for m in maps if m.shape[2] == positions]).mean(dim=(0, 2))  # (count, HW, L)
-    return full.transpose(1, 2).reshape(count, -1, side, side)
-
-
 @dataclass
 class SelfGuided:
     """Both runs of :func:`self_guided_generate`, from the same noise."""
@@ -169,9 +160,7 @@ def self_guided_generate(
             positions = [word_index(caption, word) for word in edit.word.split()]
             token_weights[i, positions] = 1 / len(positions)
     active = torch.tensor([e is not None for e in edits], device=device).view(-1, 1, 1, 1)
-    context, mask = pipeline.prompts.to(device).encode(list(captions))
-    empty, empty_mask = pipeline.prompts.encode([""] * count)
-    both, both_mask = torch.cat([context, empty]), torch.cat([mask, empty_mask])
+    prompted = with_prompt_guidance(unet, pipeline.prompts.to(device), list(captions), guidance_scale)
     reference_sizes: list[torch.Tensor] = []  # the unguided run's size of each edited word, step by step
     energies: dict[bool, list[torch.Tensor]] = {False: [], True: []}
 
@@ -183,10 +172,8 @@ def self_guided_generate(
             guiding = guided and weight != 0 and guided_steps[0] * num_steps <= step < guided_steps[1] * num_steps
             with torch.enable_grad() if guiding else torch.no_grad():
                 x = x_t.detach().requires_grad_(guiding)
-                eps_prompt, eps_empty = unet(torch.cat([x, x]), torch.cat([t, t]), context=both,
-                                             context_mask=both_mask).chunk(2)  # fmt: skip
-                eps = (eps_empty + guidance_scale * (eps_prompt - eps_empty)).detach()
-                maps = torch.einsum("nlhw,nl->nhw", full_resolution_word_maps(unet, count), token_weights)
+                eps = prompted(x, t).detach()
+                maps = torch.einsum("nlhw,nl->nhw", unet.word_maps(count), token_weights)  # the prompted half
                 if not guided:
                     reference_sizes.append(size(maps).detach())
                 energy = _edit_energies(edits, maps, reference_sizes[step])

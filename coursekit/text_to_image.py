@@ -253,9 +253,7 @@ def word_attention_maps(pipeline: TextToImage, caption: str, num_steps: int = 25
 
     def recording_model(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         eps = model(x_t, t)
-        full_size = [maps for maps in unet.cross_attention_maps() if maps.shape[2] == 64]  # the 8x8 blocks
-        stacked = torch.stack([maps[0] for maps in full_size])  # first image: (blocks, heads, 64, L)
-        per_step.append(stacked.mean(dim=(0, 1))[:, : len(words)].T.reshape(len(words), 8, 8).cpu())
+        per_step.append(unet.word_maps(count=1)[0, : len(words)].cpu())  # the prompted half's image
         return eps
 
     x_T = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed)).to(device)

@@ -375,6 +375,18 @@ class UNet(nn.Module):
         blocks = [module for module in self.modules() if isinstance(module, CrossAttention)]
         return [block.last_maps for block in blocks if block.last_maps is not None]
 
+    def word_maps(self, count: int | None = None) -> torch.Tensor:
+        """Where each token looked in the last call, at the finest level with cross-attention: the weights
+        averaged over the heads and that level's blocks, for the first ``count`` images of the batch (all by
+        default), as (count, L, H, W). Under ``torch.enable_grad()`` they keep their graph."""
+        maps = self.cross_attention_maps()
+        if not maps:
+            raise ValueError("no cross-attention weights yet: call the model with a prompt (context=...) first")
+        positions = max(m.shape[2] for m in maps)
+        side = math.isqrt(positions)
+        finest = torch.stack([m[:count] for m in maps if m.shape[2] == positions]).mean(dim=(0, 2))  # (count, HW, L)
+        return finest.transpose(1, 2).reshape(finest.shape[0], -1, side, side)
+
     def _check_inputs(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         channels = self.config.in_channels
         if not isinstance(x_t, torch.Tensor) or x_t.ndim != 4 or x_t.shape[1] != channels:

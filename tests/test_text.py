@@ -116,6 +116,10 @@ def test_a_unet_with_cross_attention_hears_the_prompt_and_asks_for_it():
     other[:, 2] += 1.0
     assert (model(x_t, t, context=other, context_mask=mask) - out).abs().amax(dim=(1, 2, 3)).min() > 1e-5
     assert len(model.cross_attention_maps()) == 3  # the lowest level down, the middle, the lowest level up
+    maps = model.word_maps(count=2)  # the finest level with cross-attention: 4x4 here, averaged over its blocks
+    assert maps.shape == (2, 6, 4, 4) and torch.allclose(maps.sum(dim=1), torch.ones(2, 4, 4), atol=1e-5)
+    with pytest.raises(ValueError, match="no cross-attention weights yet"):
+        UNet(config).word_maps()
     with pytest.raises(ValueError, match="reads a prompt: pass context"):
         model(x_t, t)
     with pytest.raises(ValueError, match=r"context must have shape \(3, L, 8\)"):
