@@ -1,17 +1,22 @@
 """Controlled generation, measured: classifier guidance on the digits, self-guidance on the mini Stable Diffusion.
 
-    python benchmarks/controlled_generation.py                  # about 3 minutes on a 2-core CPU
-    python benchmarks/controlled_generation.py --skip-classifier
+    python benchmarks/controlled_generation.py                  # about 4 minutes on a 2-core CPU
+    python benchmarks/controlled_generation.py --skip-classifier --distance 0.3
+
+Set COURSEKIT_YARDSTICK_CACHE to a folder to train each yardstick's classifier once (the glyphs' takes
+about 6 minutes on a 2-core CPU, the digits' under one).
 
 1. Classifier guidance (coursekit.guidance): a noise-aware classifier trained here on noised digits steers
    the shipped *unconditional* digits model towards asked digits. Per scale: the share of samples the
    yardstick's classifier reads as the asked digit, and KID with its interval.
 2. Self-guidance (coursekit.self_guidance) on the shipped text-to-image model: single-character prompts
-   ("a small green 3 in the middle"), each asked to move its colour word's object left or right by 0.2 of
-   the width, or up or down, and to grow to twice or shrink to half its area. The truth is read from the
-   pixels (the ink of a glyph drawn on black): achieved displacement along the asked direction, area ratio,
-   the attention energy before and after, and what the edit costs in character and colour adherence
-   (the shipped attribute reader) and in CLIP score. Intervals: 95 % (t for means, Wilson for shares).
+   ("a small green 3 in the middle"), each asked to move its colour word's object left or right by
+   ``--distance`` of the width (0.2), or up or down, and to grow to twice or shrink to half its area. The
+   truth is read from the pixels (the ink of a glyph drawn on black): achieved displacement along the
+   asked direction, area ratio, the attention energy before and after, and what the edit costs in
+   character and colour adherence (the shipped attribute reader), in CLIP score and in image quality (the
+   glyphs' yardstick: KID of the guided images against the unguided ones' at the same count). Intervals:
+   95 % (t for means, Wilson for shares, bootstrap for KID).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 
 import torch
 
-from coursekit.attributes import adherence, load_attribute_reader, wilson_interval
+from coursekit.attributes import ATTRIBUTES, adherence, label_tensor, load_attribute_reader, wilson_interval
 from coursekit.glyphs import CHARACTERS, COLOURS, parse_caption
 from coursekit.self_guidance import Move, Resize, ink_centroid_and_area, self_guided_generate
 from coursekit.text_to_image import load_text_to_image
@@ -39,6 +44,26 @@ def share(hits: list[bool]) -> str:
     value = sum(hits) / len(hits)
     low, high = wilson_interval(value, len(hits))
     return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def print_pairs(jobs, centre_before, centre_after, area_before, area_after, read_after, scenes) -> None:
+    """One line per prompt-and-edit pair: what was asked, what the pixels show, whether the character stayed."""
+    column = list(ATTRIBUTES).index("character")
+    character_kept = (read_after[:, column] == label_tensor(scenes)[:, column]).tolist()
+    for i, (caption, edit, asked) in enumerate(jobs):
+        moved = (centre_after[i] - centre_before[i]).tolist()
+        if isinstance(edit, Move):
+            wanted = (edit.to[0] - 0.5, edit.to[1] - 0.5)
+            what = f"move {asked:>5}: asked ({wanted[0]:+.2f}, {wanted[1]:+.2f})"
+            what += f", moved ({moved[0]:+.2f}, {moved[1]:+.2f})"
+        else:
+            ratio = (area_after[i].clamp_min(1e-3) / area_before[i].clamp_min(1e-3)).item()
+            what = f"resize x{asked:g}: area ratio {ratio:.2f}, moved ({moved[0]:+.2f}, {moved[1]:+.2f})"
+        print(f"  {caption:<32} {what}; character {'kept' if character_kept[i] else 'lost'}")
+
+
+def kid(report) -> str:
+    return f"{report.kid:.3f} [{report.kid_low:.3f}, {report.kid_high:.3f}]"
 
 
 def classifier_guidance(scales: list[float], samples: int) -> None:
@@ -73,17 +98,24 @@ def classifier_guidance(scales: list[float], samples: int) -> None:
               f"{report.summary().splitlines()[0]}; {milliseconds:.1f} ms/image")  # fmt: skip
 
 
-def self_guidance(weights: list[float], seed: int) -> None:
+def self_guidance(weights: list[float], seed: int, prompt_count: int, distance: float, show_pairs: list[float]) -> None:
+    from coursekit.quality import Yardstick
+
     pipeline = load_text_to_image("shipped-text-to-image", device="cpu")
     reader = load_attribute_reader()
+    column = list(ATTRIBUTES).index("character")
+    started = time.perf_counter()
+    yardstick = Yardstick.for_dataset("glyphs")
+    print(f"glyphs yardstick ready in {(time.perf_counter() - started) / 60:.1f} min")
     generator = torch.Generator().manual_seed(seed)
     colours = list(COLOURS)
     prompts = []
-    for _ in range(12):
+    for _ in range(prompt_count):
         character = CHARACTERS[torch.randint(len(CHARACTERS), (1,), generator=generator).item()]
         colour = colours[torch.randint(len(colours), (1,), generator=generator).item()]
         prompts.append(f"a small {colour} {character} in the middle")
-    moves = {"left": (0.3, 0.5), "right": (0.7, 0.5), "up": (0.5, 0.3), "down": (0.5, 0.7)}
+    low, high = 0.5 - distance, 0.5 + distance
+    moves = {"left": (low, 0.5), "right": (high, 0.5), "up": (0.5, low), "down": (0.5, high)}
     jobs = []  # (caption, edit, what was asked)
     for index, caption in enumerate(prompts):
         colour = caption.split()[2]
@@ -115,17 +147,32 @@ def self_guidance(weights: list[float], seed: int) -> None:
             else:
                 ratio = (area_after[i].clamp_min(1e-3) / area_before[i].clamp_min(1e-3)).item()  # no ink counts as 1e-3
                 ratios.append(math.log(ratio) / math.log(asked))
-        before = adherence(reader.read(result.unguided), scenes)
-        after = adherence(reader.read(result.guided), scenes)
+        read_before, read_after = reader.read(result.unguided), reader.read(result.guided)
+        is_move = torch.tensor([isinstance(edit, Move) for _, edit, _ in jobs])
+        moved_scenes = [scene for scene, move in zip(scenes, is_move) if move]
+        resized_scenes = [scene for scene, move in zip(scenes, is_move) if not move]
+        before = adherence(read_before[is_move], moved_scenes)
+        after = adherence(read_after[is_move], moved_scenes)
+        after_resize = adherence(read_after[~is_move], resized_scenes)
+        kept = read_after[:, column] == label_tensor(scenes)[:, column]
+        moved_intact = [
+            half and bool(kept[i]) for half, i in zip(moved_half, torch.nonzero(is_move).flatten().tolist())
+        ]
+        if weight in show_pairs:
+            print_pairs(jobs, centre_before, centre_after, area_before, area_after, read_after, scenes)
         ids = pipeline.prompts.ids(captions)
         clip_before = pipeline.clip.score(result.unguided, ids).mean().item()
         clip_after = pipeline.clip.score(result.guided, ids).mean().item()
         energy = result.unguided_energies.mean().item(), result.guided_energies.mean().item()
+        quality = yardstick.score(result.unguided), yardstick.score(result.guided)
         print(f"weight {weight:g}: moves achieved {mean_interval(along)} of the asked displacement "
-              f"(at least half of it: {share(moved_half)}); resizes achieved {mean_interval(ratios)} of the asked "
-              f"log area ratio; attention energy {energy[0]:.3f} -> {energy[1]:.3f}; character "
+              f"(at least half of it: {share(moved_half)}; half of it with the character kept: "
+              f"{share(moved_intact)}); resizes achieved {mean_interval(ratios)} of the asked log area ratio; "
+              f"attention energy {energy[0]:.3f} -> {energy[1]:.3f}; character "
               f"{before['character']:.2f} -> {after['character']:.2f}, colour {before['colour']:.2f} -> "
-              f"{after['colour']:.2f}; CLIP score {clip_before:.3f} -> {clip_after:.3f}; "
+              f"{after['colour']:.2f} (resized: character {after_resize['character']:.2f}, colour "
+              f"{after_resize['colour']:.2f}); CLIP score {clip_before:.3f} -> {clip_after:.3f}; "
+              f"KID {kid(quality[0])} -> {kid(quality[1])}; "
               f"{milliseconds:.0f} ms an image for both runs")  # fmt: skip
 
 
@@ -135,11 +182,16 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=359)
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.15, 0.3, 0.45, 0.6])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompts", type=int, default=24, help="prompts; each gives two moves and two resizes")
+    parser.add_argument("--distance", type=float, default=0.2, help="how far to move, as a share of the width")
+    parser.add_argument("--pairs", type=float, nargs="*", default=[0.3], help="weights whose every pair is printed")
     parser.add_argument("--skip-classifier", action="store_true")
     args = parser.parse_args()
+    if args.prompts < 2 or not 0 < args.distance < 0.5:
+        parser.error("--prompts must be at least 2 and --distance between 0 and 0.5")
     if not args.skip_classifier:
         classifier_guidance(args.scales, args.samples)
-    self_guidance(args.weights, args.seed)
+    self_guidance(args.weights, args.seed, args.prompts, args.distance, args.pairs)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,8 @@ def self_guided_generate(
     ``edits[i]`` is the edit for image i (or None). Each guided step adds ``weight * sigma_t * g / rms(g)``
     to the noise guess, g the gradient of the edit's energy: the gradient is scaled to unit root mean
     square per image, so that ``weight`` reads as "how many noise units to push" whatever the energy's
-    scale. Only the steps in the share ``guided_steps`` of the run are guided (the layout forms early;
+    scale. With a move's L1 energy this means the push does not shrink as the map nears its target: the
+    target sets the direction, the weight the strength (docs/benchmarks.md, controlled generation). Only the steps in the share ``guided_steps`` of the run are guided (the layout forms early;
     the last steps are left to clean up). ``weight = 0`` paints the unguided images twice.
     """
     if len(edits) != len(captions):
