@@ -147,8 +147,9 @@ def self_guided_generate(
     to the noise guess, g the gradient of the edit's energy: the gradient is scaled to unit root mean
     square per image, so that ``weight`` reads as "how many noise units to push" whatever the energy's
     scale. With a move's L1 energy this means the push does not shrink as the map nears its target: the
-    target sets the direction, the weight the strength (docs/benchmarks.md, controlled generation). Only the steps in the share ``guided_steps`` of the run are guided (the layout forms early;
-    the last steps are left to clean up). ``weight = 0`` paints the unguided images twice.
+    target sets the direction, the weight the strength (docs/benchmarks.md, controlled generation). Only
+    the steps in the share ``guided_steps`` of the run are guided (the layout forms early; the last steps
+    are left to clean up). ``weight = 0`` paints the unguided images twice.
     """
     if len(edits) != len(captions):
         raise ValueError(f"{len(captions)} prompts but {len(edits)} edits; give one edit (or None) per prompt")
