@@ -1,13 +1,14 @@
 # The two commands:
 #   make demo   set everything up, then train on the built-in dataset and sample (the main job)
 #   make test   set everything up, then run every test (lint included)
+#   make site   build the course's website into build/site
 # Set-up makes a virtual environment in .venv and installs the package into it, editable.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup browser sandbox demo test lint format clean
+.PHONY: setup browser sandbox docs site demo test lint format clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +39,16 @@ $(VENV)/.bwrap-tried: | setup
 		|| echo "no bubblewrap here: the grader runs without isolation and its isolation tests are skipped"
 	@touch $@
 
+# The website: Sphinx, MyST-NB and the book theme (the docs extra), MathJax from npm's mathjax package.
+docs: $(VENV)/.docs-installed
+
+$(VENV)/.docs-installed: pyproject.toml | setup
+	$(BIN)/python -m pip install --quiet -e ".[dev,docs]"
+	touch $@
+
+site: docs
+	$(BIN)/python tools/build_site.py
+
 demo: setup
 	$(BIN)/coursekit demo
 
@@ -45,7 +56,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint browser sandbox
+test: lint browser sandbox docs
 	$(BIN)/python -m pytest
 
 format: setup
@@ -53,4 +64,4 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs build .pytest_cache .ruff_cache

@@ -31,7 +31,10 @@ RUN_HELP = (
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)  # every number is checked here, before any work
+    except SystemExit as stop:  # argparse has printed what was wrong (or the help)
+        return stop.code if isinstance(stop.code, int) else 2
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
@@ -65,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--run", default="runs/demo", help=RUN_HELP)
     _add_sampling_options(sample)
-    sample.add_argument("--count", type=int, default=64, help="images to draw (default: %(default)s)")
+    sample.add_argument("--count", type=_positive_int, default=64, help="images to draw (default: %(default)s)")
     sample.add_argument(
         "--class-label",
         type=int,
@@ -80,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--guidance-scale",
         "--guidance",
-        type=float,
+        type=_non_negative_float,
         default=None,
         help="classifier-free guidance on the class label or prompt: 1 = plain, >1 = stronger "
         "(default: 1 with --class-label, 3 with --prompt)",
@@ -106,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", default=None, help="with --real: the dataset (default: digits)")
     evaluate.add_argument("--data-root", default="data", help="where torchvision datasets live")
     evaluate.add_argument(
-        "--samples", type=int, default=None, help="images to score (default: the most the data allows)"
+        "--samples", type=_positive_int, default=None, help="images to score (default: the most the data allows)"
     )
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     _add_sampling_options(evaluate)
@@ -119,8 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         "whatever device is here, then sample, animate and score.",
     )
     demo.add_argument("--run", default="runs/demo", help="run folder (default: %(default)s)")
-    demo.add_argument("--minutes", type=float, default=4.0, help="training time budget (default: %(default)s)")
-    demo.add_argument("--samples", type=int, default=None, help="samples to score (default: the most the data allows)")
+    demo.add_argument(
+        "--minutes", type=_positive_float, default=4.0, help="training time budget (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--samples", type=_positive_int, default=None, help="samples to score (default: the most the data allows)"
+    )
     demo.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default: %(default)s)")
     demo.set_defaults(handler=run_demo)
 
@@ -265,6 +272,43 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    """An argparse type: a number above 0 (minutes, a learning rate), refused with a clear message otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """An argparse type: a finite number of at least 0 (a guidance scale)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, got {text}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    """An argparse type: a number from 0 to 1 (DDIM's eta)."""
+    value = _non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return value
+
+
+def _timesteps(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"a diffusion needs at least 2 steps, got {value}")
+    return value
+
+
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     from coursekit.data import DATASETS
 
@@ -279,15 +323,15 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", default="runs/train", help="run folder for checkpoints (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=None, help="stop after this many steps")
-    parser.add_argument("--minutes", type=float, default=None, help="stop after this many minutes")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate (default: %(default)s)")
+    parser.add_argument("--steps", type=_positive_int, default=None, help="stop after this many steps")
+    parser.add_argument("--minutes", type=_positive_float, default=None, help="stop after this many minutes")
+    parser.add_argument("--batch-size", type=_positive_int, default=128)
+    parser.add_argument("--lr", type=_positive_float, default=2e-3, help="learning rate (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default: %(default)s)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--schedule", default="cosine", choices=("linear", "cosine"))
-    parser.add_argument("--timesteps", type=int, default=1000, help="diffusion steps T (default: %(default)s)")
-    parser.add_argument("--base-channels", type=int, default=32, help="U-Net width (default: %(default)s)")
+    parser.add_argument("--timesteps", type=_timesteps, default=1000, help="diffusion steps T (default: %(default)s)")
+    parser.add_argument("--base-channels", type=_positive_int, default=32, help="U-Net width (default: %(default)s)")
     parser.add_argument("--conditional", action="store_true", help="learn class labels (for guidance)")
     parser.add_argument(
         "--objective",
@@ -308,12 +352,12 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--steps",
-        type=int,
+        type=_positive_int,
         default=None,
         help="sampling steps (default: the sampler's own: ddim 50, dpm++2m 20, ddpm every step of the schedule, "
         "euler 50, heun 25)",
     )
-    parser.add_argument("--eta", type=float, default=None, help="DDIM noise, 0 to 1 (default: 0)")
+    parser.add_argument("--eta", type=_unit_float, default=None, help="DDIM noise, 0 to 1 (default: 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default: %(default)s)")
 
@@ -450,8 +494,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
         _check_run_folder(args.run)
         _check_sampling_options(args)
         dataset = None
-    if args.samples is not None and args.samples < 1:
-        raise ValueError(f"--samples must be positive, got {args.samples}")
     record = _evaluate(
         args.run, args.samples, args.sampler, args.steps, args.eta, args.seed, args.device, args.data_root,
         real_dataset=dataset, quiet=args.json,
@@ -480,10 +522,6 @@ def _check_sampling_options(args: argparse.Namespace) -> None:
 
     if args.sampler is not None and args.sampler not in {**SAMPLERS, **FLOW_SAMPLERS}:
         raise ValueError(f"unknown sampler {args.sampler!r}; choose one of {sorted(SAMPLERS) + sorted(FLOW_SAMPLERS)}")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be positive, got {args.steps}")
-    if args.eta is not None and not 0 <= args.eta <= 1:
-        raise ValueError(f"--eta must lie in [0, 1], got {args.eta}")
     if args.eta is not None and args.sampler not in (None, "ddim"):
         raise ValueError(f"--eta is DDIM's option; the {args.sampler} sampler has none")
 

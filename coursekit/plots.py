@@ -129,3 +129,84 @@ def plot_schedules(schedules: Sequence[NoiseSchedule]):
     left.legend()
     figure.tight_layout()
     return figure
+
+
+# ----------------------------------------------------------------------------- the U-Net, drawn
+
+
+def unet_shapes(model, image_size: int) -> dict[str, tuple[int, ...]]:
+    """The shape (C, H, W) after each part of a :class:`coursekit.unet.UNet`, read from a real forward
+    pass of one blank image with hooks: ``stem``, ``down 0..``, ``middle``, ``up 0..`` (lowest level
+    first, as the up path runs) and ``head``."""
+    parts = {"stem": model.stem} | {f"down {i}": level for i, level in enumerate(model.down_levels)}
+    parts |= {"middle": model.middle_out} | {f"up {i}": level for i, level in enumerate(model.up_levels)}
+    parts["head"] = model.head
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [
+        part.register_forward_hook(lambda module, inputs, output, name=name: shapes.__setitem__(name, output.shape[1:]))
+        for name, part in parts.items()
+    ]
+    config = model.config
+    x = torch.zeros(1, config.in_channels, image_size, image_size, device=next(model.parameters()).device)
+    context = None
+    if config.context_dim is not None:
+        context = torch.zeros(1, 1, config.context_dim, device=x.device)
+    labels = torch.zeros(1, dtype=torch.long, device=x.device) if config.num_classes else None
+    try:
+        with torch.no_grad():
+            model(x, torch.zeros(1, dtype=torch.long, device=x.device), class_labels=labels, context=context)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: tuple(shapes[name]) for name in parts}
+
+
+def draw_unet(model, image_size: int, ax=None):
+    """A diagram of a U-Net with the shape at each level, from :func:`unet_shapes`: the down path on the
+    left, the middle at the bottom, the up path on the right, skip connections across. Returns the axes."""
+    plt = _pyplot()
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    shapes = unet_shapes(model, image_size)
+    levels = len(model.down_levels)
+    attention = [model.config.has_attention(level) for level in range(levels)]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 1.3 * levels + 2.2))
+    boxes = {}  # name -> (x, y) of the box's centre
+
+    def box(name: str, x: float, y: float, label: str, colour: str) -> None:
+        channels, height, width = shapes[name]
+        text = f"{label}\n{channels} x {height} x {width}"
+        ax.add_patch(FancyBboxPatch((x - 0.9, y - 0.38), 1.8, 0.76, boxstyle="round,pad=0.04", fc=colour, ec="0.3"))
+        ax.text(x, y, text, ha="center", va="center", fontsize=9)
+        boxes[name] = (x, y)
+
+    def arrow(start: tuple, end: tuple, style: str = "-|>", colour: str = "0.25", dashed: bool = False) -> None:
+        ax.add_patch(FancyArrowPatch(start, end, arrowstyle=style, mutation_scale=12, color=colour, lw=1.3,
+                                     linestyle="--" if dashed else "-"))  # fmt: skip
+
+    top = levels + 0.6
+    box("stem", 0, top, "image in -> stem", "#dde8f5")
+    for level in range(levels):
+        note = " + attention" if attention[level] else ""
+        box(f"down {level}", 0, levels - 1 - level, f"down level {level}{note}", "#c9dcf0")
+        up_index = levels - 1 - level  # the up path runs from the lowest level up
+        box(f"up {up_index}", 4.2, levels - 1 - level, f"up level {level}{note}", "#f5dcc9")
+    box("middle", 2.1, -1.1, "middle: res, attention, res", "#e6e6e6")
+    box("head", 4.2, top, "head -> predicted noise", "#f0e4c9")
+    arrow((0, top - 0.4), (0, levels - 1 + 0.4))
+    for level in range(levels - 1):
+        arrow((0, levels - 1 - level - 0.4), (0, levels - 2 - level + 0.4))  # downsample: half the size
+        arrow((4.2, levels - 2 - level + 0.4), (4.2, levels - 1 - level - 0.4))  # upsample: twice the size
+    arrow((0.3, -0.4), (1.6, -0.72))
+    arrow((2.6, -0.72), (3.9, -0.4))
+    arrow((4.2, levels - 1 + 0.4), (4.2, top - 0.4))
+    for level in range(levels):
+        y = levels - 1 - level
+        arrow((0.95, y), (3.25, y), colour="#b05a1a", dashed=True)
+    ax.text(2.1, levels - 1 + 0.12, "skip connections (concatenated)", ha="center", fontsize=8, color="#b05a1a")
+    ax.text(-1.15, (levels - 1) / 2, "down: halve the size", rotation=90, ha="center", va="center", fontsize=8)
+    ax.text(5.35, (levels - 1) / 2, "up: double the size", rotation=90, ha="center", va="center", fontsize=8)
+    ax.set(xlim=(-1.4, 5.6), ylim=(-1.7, top + 0.6), aspect="equal")
+    ax.axis("off")
+    return ax

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from coursekit.checkpoints import CheckpointError, float_weights, load_checkpoint, load_model_weights
 from coursekit.data import ImageDataset
 from coursekit.device import pick_device
 from coursekit.flow import FLOW_DEFAULT_NUM_STEPS, FLOW_SAMPLERS, FlowModel, flow_loss, time_grid
 from coursekit.losses import diffusion_loss
+from coursekit.progress import progress_bar
 from coursekit.samplers import SAMPLERS, get_sampler, planned_timesteps, with_guidance
 from coursekit.schedules import NoiseSchedule, make_schedule
 from coursekit.training import CHECKPOINT_NAME, TrainConfig, TrainState, train
@@ -236,7 +236,7 @@ def generate(
     total_steps = len(timesteps) if timesteps is not None else count_sampling_steps(sampler, schedule, num_steps)
     keep_every = max(1, total_steps // frames) if frames else 0
     images, snapshots = [], []
-    bar = tqdm(total=count, desc=f"sampling ({sampler})", unit="img", disable=not progress)
+    bar = progress_bar(total=count, desc=f"sampling ({sampler})", unit="img", disable=not progress)
     for start in range(0, count, batch_size):
         size = min(batch_size, count - start)
         x_T = torch.randn((size, *image_shape), generator=generator).to(device)

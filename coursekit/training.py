@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from coursekit import distributed as distributed_training
 from coursekit.checkpoints import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
 from coursekit.device import pick_device, supports_native_bf16
+from coursekit.progress import progress_bar
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -303,7 +303,7 @@ def train(
         time_left = config.max_minutes is None or state.elapsed_seconds < 60 * config.max_minutes
         return steps_left and time_left
 
-    bar = tqdm(
+    bar = progress_bar(
         total=config.max_steps,
         initial=state.step,
         disable=not (config.progress and distributed.is_main),

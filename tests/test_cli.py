@@ -90,8 +90,8 @@ def test_train_sample_evaluate_round_trip(tmp_path, capsys):
 def test_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["sample", "--run", str(tmp_path / "nothing")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["train", "--dataset", "imagenet"])
+    assert main(["train", "--dataset", "imagenet"]) == 2
+    assert "invalid choice: 'imagenet'" in capsys.readouterr().err
 
 
 def test_demo_runs_end_to_end_in_a_tiny_budget(tmp_path, capsys):
@@ -146,9 +146,9 @@ def test_evaluate_a_run_as_json(tmp_path, capsys):
     ("arguments", "message"),
     [
         (["--samples", "5000"], "between 10 and 359"),
-        (["--samples", "0"], "--samples must be positive"),
-        (["--steps", "0"], "--steps must be positive"),
-        (["--eta", "2"], "--eta must lie in"),
+        (["--samples", "0"], "argument --samples: must be at least 1, got 0"),
+        (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+        (["--eta", "2"], "argument --eta: must be from 0 to 1, got 2"),
         (["--dataset", "digits"], "--dataset goes with --real"),
     ],
 )
@@ -166,5 +166,28 @@ def test_evaluate_refuses_a_run_without_a_checkpoint_and_an_unknown_dataset_or_s
     assert "holds no checkpoint.pt" in capsys.readouterr().err
     assert main(["evaluate", "--real", "--dataset", "imagenet"]) == 2
     assert "unknown dataset" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # argparse names the choices
-        main(["evaluate", "--sampler", "rk4"])
+    assert main(["evaluate", "--sampler", "rk4"]) == 2  # argparse names the choices
+    assert "invalid choice: 'rk4'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["train", "--minutes", "-1"], "argument --minutes: must be a finite number above 0, got -1"),
+        (["train", "--minutes", "nan"], "argument --minutes: must be a finite number above 0, got nan"),
+        (["train", "--steps", "0"], "argument --steps: must be at least 1, got 0"),
+        (["train", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+        (["train", "--lr", "0"], "argument --lr: must be a finite number above 0, got 0"),
+        (["train", "--timesteps", "1"], "argument --timesteps: a diffusion needs at least 2 steps, got 1"),
+        (["train", "--base-channels", "two"], "argument --base-channels: expected a whole number, got 'two'"),
+        (["demo", "--minutes", "0"], "argument --minutes: must be a finite number above 0, got 0"),
+        (["demo", "--samples", "-5"], "argument --samples: must be at least 1, got -5"),
+        (["sample", "--count", "0"], "argument --count: must be at least 1, got 0"),
+        (["sample", "--guidance", "-1"], "argument --guidance-scale/--guidance: must be a finite number of at least 0"),
+    ],
+)
+def test_every_command_refuses_bad_numbers_before_any_work(tmp_path, capsys, arguments, message):
+    run = tmp_path / "run"
+    assert main([*arguments, "--run", str(run)]) == 2
+    assert message in capsys.readouterr().err
+    assert not run.exists(), "the command started work before refusing its input"

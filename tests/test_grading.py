@@ -197,9 +197,7 @@ def test_grade_command_line(tmp_path, capsys):
 
 def test_grade_command_line_refuses_bad_options(tmp_path, capsys):
     for option in (["--question-timeout", "0"], ["--memory-mb", "-5"], ["--workers", "two"], ["--id-from", "x"]):
-        with pytest.raises(SystemExit) as stop:
-            main(["grade", str(tmp_path), *option])
-        assert stop.value.code == 2, option
+        assert main(["grade", str(tmp_path), *option]) == 2, option
     assert main(["grade"]) == 2
 
 

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import run_notebooks  # noqa: E402  (the tool that cleans what a run stores)
+
 NOTEBOOKS = sorted(
     path for folder in ("notebooks", "solutions", "exercises") for path in (ROOT / folder).glob("*.ipynb")
 )
@@ -34,7 +37,14 @@ def test_notebook_is_small_and_clean(path):
     notebook = json.loads(path.read_text())
     assert set(notebook["metadata"]) <= {"kernelspec", "language_info"}, "personal or widget metadata"
     for cell in notebook["cells"]:
-        assert set(cell.get("metadata", {})) <= {"tags"}, f"cell metadata {set(cell['metadata'])}"
+        assert set(cell.get("metadata", {})) <= run_notebooks.KEPT_CELL_METADATA, (
+            f"cell metadata {set(cell['metadata'])}"
+        )
+        frozen = [output for output in cell.get("outputs", []) if run_notebooks.is_progress_bar(output)]
+        assert not frozen, (
+            f"{path.name} stores a progress bar frozen mid-run ({frozen[0]}); "
+            "python tools/run_notebooks.py --tidy-only removes it"
+        )
 
 
 def test_notebooks_together_stay_within_budget():

@@ -1,3 +1,4 @@
+import io
 import math
 
 import pytest
@@ -182,3 +183,30 @@ def test_the_bf16_trial_is_small_and_runs_once_per_kind_of_model(monkeypatch):
     assert seen and set(seen) == {training.BF16_TRIAL_BATCH}  # a small batch, not the run's 128
     monkeypatch.setattr(training.copy, "deepcopy", lambda *args: pytest.fail("measured twice"))
     assert training._bf16_is_faster_on_cpu(model, batches, loss_fn) is first
+
+
+def test_progress_in_a_log_is_a_few_lines_not_one_per_step(capsys):
+    """Written to a file (pytest's capture is one), a bar redraws every LOG_INTERVAL seconds, not every step."""
+    import time
+
+    from coursekit.progress import LOG_INTERVAL, progress_bar
+
+    log = io.StringIO()
+    with progress_bar(total=1000, desc="steps", file=log) as bar:
+        for _ in range(1000):
+            bar.update(1)
+    assert log.getvalue().count("\r") <= 3 and "1000/1000" in log.getvalue(), log.getvalue()
+
+    started = time.perf_counter()
+    train(_model(), _data(), LOSS, _config(60, progress=True))
+    seconds = time.perf_counter() - started
+    written = capsys.readouterr().err
+    redraws = written.count("\r") + written.count("\n")
+    assert "60/60" in written, f"the bar's last state is missing from the log: {written!r}"
+    assert redraws <= 3 + seconds / LOG_INTERVAL, f"{redraws} lines for 60 steps in {seconds:.0f} s:\n{written}"
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert progress_bar(total=3, file=Terminal()).mininterval == 0.1  # live in a terminal

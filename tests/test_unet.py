@@ -126,3 +126,23 @@ def test_a_float64_unet_runs_and_agrees_with_float32():
         double = model.double()(x.double(), t)
     assert double.dtype == torch.float64
     assert torch.allclose(double.float(), single, atol=1e-5)
+
+
+def test_unet_shapes_and_the_diagram_follow_the_network():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from coursekit.plots import draw_unet, unet_shapes
+
+    model = UNet(in_channels=1, base_channels=32, channel_multipliers=(1, 2, 2), attention_levels=(-1,))
+    shapes = unet_shapes(model, image_size=16)
+    assert list(shapes) == ["stem", "down 0", "down 1", "down 2", "middle", "up 0", "up 1", "up 2", "head"]
+    assert shapes["stem"] == (32, 16, 16) and shapes["down 1"] == (64, 8, 8) and shapes["down 2"] == (64, 4, 4)
+    assert shapes["middle"] == (64, 4, 4) and shapes["up 0"] == (64, 4, 4) and shapes["up 2"] == (32, 16, 16)
+    assert shapes["head"] == (1, 16, 16)
+    assert unet_shapes(model, image_size=28)["down 2"] == (64, 7, 7)  # MNIST: 28 -> 14 -> 7
+    ax = draw_unet(model, image_size=16)
+    labels = " ".join(text.get_text() for text in ax.texts)
+    for name, (channels, height, width) in shapes.items():
+        assert f"{channels} x {height} x {width}" in labels, name
+    assert "attention" in labels

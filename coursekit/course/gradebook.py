@@ -197,9 +197,9 @@ def grade(
         announce(f"{len(rows)} submission(s) unchanged since they were graded: kept; grading {len(to_grade)}")
         write_feedback(list(rows.values()), feedback_dir)  # the new rows get theirs as they finish
 
-    from tqdm.auto import tqdm
+    from coursekit.progress import progress_bar
 
-    bar = tqdm(total=len(to_grade), desc="grading", unit="notebook", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=len(to_grade), desc="grading", unit="notebook", disable=not progress, file=sys.stderr)
     slots: queue.Queue = queue.Queue()
     for slot in range(workers):
         slots.put(slot)
