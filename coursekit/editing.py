@@ -32,6 +32,7 @@ from coursekit.samplers import (
     ddpm_steps,
     final_state,
     resolve_clip,
+    sampling_timesteps,
 )
 from coursekit.schedules import NoiseSchedule
 
@@ -58,13 +59,15 @@ def edit(
     *,
     generator: torch.Generator | None = None,
     clip_x0: bool | None = None,
+    num_steps: int | None = None,
 ) -> torch.Tensor:
     """SDEdit: noise ``images`` to the timestep ``strength`` picks, then denoise them with DDPM.
 
     ``images`` (B, C, H, W) are in [-1, 1]. ``strength = 0`` returns a copy of them (no model call);
     ``strength = 1`` is plain DDPM sampling from a noised copy that has (almost) forgotten them.
     With a perfect model the edit keeps the data distribution: data noised to ``t`` is exactly what
-    the reverse process expects at ``t``. The result is on the device of ``images``.
+    the reverse process expects at ``t``. The result is on the device of ``images``. ``num_steps`` visits
+    fewer, evenly spaced steps on the way down (respaced DDPM, as in ``ddpm_steps``); every step by default.
     """
     start_t = edit_strength_to_timestep(strength, schedule.num_steps)
     if not isinstance(images, torch.Tensor) or images.ndim < 2:
@@ -76,7 +79,7 @@ def edit(
     # 1. forward: jump from the images (x0) to x_{start_t} in one go, (B, C, H, W)
     x_t, _ = add_noise(images, t, schedule, noise=_randn_like(images, generator))  # DDPM Eq. 4
     # 2. reverse: ancestral sampling from start_t down to the clean image
-    steps = ddpm_steps(model, schedule, x_t, generator=generator, clip_x0=clip_x0, start_t=start_t)
+    steps = ddpm_steps(model, schedule, x_t, generator=generator, clip_x0=clip_x0, start_t=start_t, num_steps=num_steps)
     return final_state(steps)  # DDPM Algorithm 2, from step start_t
 
 
@@ -91,6 +94,7 @@ def inpaint_steps(
     resample: int = 1,
     clip_x0: bool | None = None,
     prediction: str = "eps",
+    num_steps: int | None = None,
 ) -> Iterator[SamplerStep]:
     """RePaint (Algorithm 1): fill in where ``mask`` is 0, keep ``images`` where it is 1.
 
@@ -108,6 +112,10 @@ def inpaint_steps(
     Each step yields ``SamplerStep(t, x_{t-1}, x0_pred)`` after its last round, ``x0_pred`` being
     the model's guess of the whole image.
 
+    ``num_steps`` visits fewer, evenly spaced timesteps (respacing, as ``ddpm_steps`` does): each
+    jump from t to the next visited t' uses the posterior with alpha_bar_t / alpha_bar_t' as its
+    alpha, the kept part is noised to t', and resampling goes back up from t' to t in one jump.
+
     Two choices differ from the paper's listing. One noise draw per round serves both parts (the
     paper draws two, lines 4 and 6): a kept pixel uses it in step 2 and a filled pixel in step 1, so
     with a 0/1 mask every pixel still gets its own independent noise, and the draws line up with
@@ -119,26 +127,44 @@ def inpaint_steps(
     images, mask = _check_inpaint_inputs(images, mask, x, resample)
     clip_x0 = resolve_clip(clip_x0, x)  # on by default for image batches
     variances = schedule.posterior_variance()
-    for step in reversed(range(schedule.num_steps)):
+    grid = sampling_timesteps(schedule, num_steps)  # every step by default
+    for index, step in enumerate(grid):
+        following = grid[index + 1] if index + 1 < len(grid) else -1  # -1: the clean image
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-        rounds = resample if step > 0 else 1  # Algorithm 1, line 9: no going back up from the clean image
+        jump = following != step - 1  # respaced: the jump's own alpha, alpha_bar_t / alpha_bar_t'
+        alpha_bar_t = float(schedule.alpha_bar[step])
+        alpha_bar_next = float(schedule.alpha_bar[following]) if following >= 0 else 1.0
+        alpha = alpha_bar_t / alpha_bar_next
+        beta = 1 - alpha
+        rounds = resample if following >= 0 else 1  # Algorithm 1, line 9: no going back up from the clean image
         for round_index in range(rounds):
-            # 1. the unknown part: one reverse step from x_t, (B, C, H, W)
+            # 1. the unknown part: one reverse step (or jump) from x_t, (B, C, H, W)
             x0_pred, _ = read_output(model, x, t, schedule, prediction, clip_x0)  # DDPM Eq. 15 for "eps"
-            mean, _ = posterior_mean_variance(x0_pred, x, t, schedule)  # DDPM Eqs. 6-7
-            if step > 0:
+            if jump:  # DDPM Eq. 7 for the jump
+                mean = (alpha_bar_next**0.5 * beta / (1 - alpha_bar_t)) * x0_pred + (
+                    alpha**0.5 * (1 - alpha_bar_next) / (1 - alpha_bar_t)
+                ) * x
+            else:
+                mean, _ = posterior_mean_variance(x0_pred, x, t, schedule)  # DDPM Eqs. 6-7
+            if following >= 0:
                 noise = _randn_like(x, generator)
-                sigma = schedule.at(variances, t, like=x).sqrt()
+                if jump:
+                    sigma = ((1 - alpha_bar_next) / (1 - alpha_bar_t) * beta) ** 0.5
+                else:
+                    sigma = schedule.at(variances, t, like=x).sqrt()
                 unknown = mean + sigma * noise  # RePaint Algorithm 1, line 7
-                # 2. the known part: the images noised to the level of x_{t-1}
-                known, _ = add_noise(images, t - 1, schedule, noise=noise)  # Algorithm 1, line 5 (DDPM Eq. 4)
+                # 2. the known part: the images noised to the level of the next step
+                known, _ = add_noise(images, torch.full_like(t, following), schedule, noise=noise)  # line 5
             else:
                 unknown, known = mean, images  # the last step adds no noise
             # 3. join the two parts
             x = mask * known + (1 - mask) * unknown  # RePaint Algorithm 1, line 8
             # 4. resampling: back up to x_t, and go down again
             if round_index < rounds - 1:
-                x = _noising_step(x, t, schedule, generator)  # Algorithm 1, line 10 (DDPM Eq. 2)
+                if jump:  # DDPM Eq. 4 between the two levels
+                    x = alpha**0.5 * x + beta**0.5 * _randn_like(x, generator)
+                else:
+                    x = _noising_step(x, t, schedule, generator)  # Algorithm 1, line 10 (DDPM Eq. 2)
         yield SamplerStep(step, x, x0_pred)
 
 

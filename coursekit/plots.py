@@ -177,7 +177,7 @@ def draw_unet(model, image_size: int, ax=None):
     def box(name: str, x: float, y: float, label: str, colour: str) -> None:
         channels, height, width = shapes[name]
         text = f"{label}\n{channels} x {height} x {width}"
-        ax.add_patch(FancyBboxPatch((x - 0.9, y - 0.38), 1.8, 0.76, boxstyle="round,pad=0.04", fc=colour, ec="0.3"))
+        ax.add_patch(FancyBboxPatch((x - 1.15, y - 0.38), 2.3, 0.76, boxstyle="round,pad=0.04", fc=colour, ec="0.3"))
         ax.text(x, y, text, ha="center", va="center", fontsize=9)
         boxes[name] = (x, y)
 
@@ -185,28 +185,28 @@ def draw_unet(model, image_size: int, ax=None):
         ax.add_patch(FancyArrowPatch(start, end, arrowstyle=style, mutation_scale=12, color=colour, lw=1.3,
                                      linestyle="--" if dashed else "-"))  # fmt: skip
 
-    top = levels + 0.6
+    top, right = levels + 0.4, 5.2  # the stem and head row; the up path's column
     box("stem", 0, top, "image in -> stem", "#dde8f5")
     for level in range(levels):
         note = " + attention" if attention[level] else ""
         box(f"down {level}", 0, levels - 1 - level, f"down level {level}{note}", "#c9dcf0")
         up_index = levels - 1 - level  # the up path runs from the lowest level up
-        box(f"up {up_index}", 4.2, levels - 1 - level, f"up level {level}{note}", "#f5dcc9")
-    box("middle", 2.1, -1.1, "middle: res, attention, res", "#e6e6e6")
-    box("head", 4.2, top, "head -> predicted noise", "#f0e4c9")
+        box(f"up {up_index}", right, levels - 1 - level, f"up level {level}{note}", "#f5dcc9")
+    box("middle", right / 2, -1.1, "middle: res, attention, res", "#e6e6e6")
+    box("head", right, top, "head -> predicted noise", "#f0e4c9")
     arrow((0, top - 0.4), (0, levels - 1 + 0.4))
     for level in range(levels - 1):
         arrow((0, levels - 1 - level - 0.4), (0, levels - 2 - level + 0.4))  # downsample: half the size
-        arrow((4.2, levels - 2 - level + 0.4), (4.2, levels - 1 - level - 0.4))  # upsample: twice the size
-    arrow((0.3, -0.4), (1.6, -0.72))
-    arrow((2.6, -0.72), (3.9, -0.4))
-    arrow((4.2, levels - 1 + 0.4), (4.2, top - 0.4))
+        arrow((right, levels - 2 - level + 0.4), (right, levels - 1 - level - 0.4))  # upsample: twice the size
+    arrow((0.3, -0.4), (right / 2 - 0.6, -0.72))
+    arrow((right / 2 + 0.6, -0.72), (right - 0.3, -0.4))
+    arrow((right, levels - 1 + 0.4), (right, top - 0.4))
     for level in range(levels):
         y = levels - 1 - level
-        arrow((0.95, y), (3.25, y), colour="#b05a1a", dashed=True)
-    ax.text(2.1, levels - 1 + 0.12, "skip connections (concatenated)", ha="center", fontsize=8, color="#b05a1a")
-    ax.text(-1.15, (levels - 1) / 2, "down: halve the size", rotation=90, ha="center", va="center", fontsize=8)
-    ax.text(5.35, (levels - 1) / 2, "up: double the size", rotation=90, ha="center", va="center", fontsize=8)
-    ax.set(xlim=(-1.4, 5.6), ylim=(-1.7, top + 0.6), aspect="equal")
+        arrow((1.2, y), (right - 1.2, y), colour="#b05a1a", dashed=True)
+    ax.text(right / 2, levels - 1 + 0.55, "skip connections\n(concatenated)", ha="center", fontsize=8, color="#b05a1a")
+    ax.text(-1.45, (levels - 1) / 2, "down: halve the size", rotation=90, ha="center", va="center", fontsize=8)
+    ax.text(right + 1.45, (levels - 1) / 2, "up: double the size", rotation=90, ha="center", va="center", fontsize=8)
+    ax.set(xlim=(-1.7, right + 1.7), ylim=(-1.7, top + 0.6), aspect="equal")
     ax.axis("off")
     return ax

@@ -209,3 +209,44 @@ def test_bad_editing_input_raises_clear_errors():
     for resample in (0, 1.5, True):
         with pytest.raises(ValueError, match="resample must be an integer >= 1"):
             inpaint(oracle, schedule, images, MASK, x_T, resample=resample)
+
+
+def test_inpaint_with_fewer_steps_jumps_as_respaced_ddpm_does():
+    # num_steps visits fewer timesteps: with an empty mask it is respaced DDPM sampling (the same jumps and
+    # noise draws as ddpm_sample(num_steps=...)); a full mask still returns the images; resampling goes back
+    # up each jump, so each visited step but the last calls the model `resample` times.
+    schedule = make_schedule("linear", 50)
+    oracle = GaussianOracle(MEAN, STD, schedule)
+    images = oracle.sample_data(16, generator=torch.Generator().manual_seed(14))
+    x_T = torch.randn(images.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+    empty = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
+    filled = inpaint(oracle, schedule, images, empty, x_T, generator=torch.Generator().manual_seed(16), num_steps=10)
+    sampled = ddpm_sample(
+        oracle, schedule, x_T, generator=torch.Generator().manual_seed(16), num_steps=10, clip_x0=True
+    )
+    torch.testing.assert_close(filled, sampled, rtol=0, atol=1e-12)
+    keep_all = torch.ones(1, 1, 2, 2, dtype=torch.float64)
+    kept = inpaint(oracle, schedule, images, keep_all, x_T, generator=torch.Generator(), num_steps=10, resample=2)
+    assert torch.equal(kept, images)
+    calls = []
+
+    def counting_oracle(x_t, t):
+        calls.append(int(t[0]))
+        return oracle(x_t, t)
+
+    steps = list(inpaint_steps(counting_oracle, schedule, images, MASK[0, 0], x_T, resample=2, num_steps=5))
+    visited = [s.t for s in steps]
+    assert visited == sorted(set(visited), reverse=True) and len(visited) == 5 and visited[-1] == 0
+    assert calls == [t for t in visited[:-1] for _ in range(2)] + [0]
+
+
+def test_edit_with_fewer_steps_is_respaced_ddpm_from_the_same_start():
+    schedule = make_schedule("linear", 50)
+    oracle = GaussianOracle(MEAN, STD, schedule)
+    images = oracle.sample_data(8, generator=torch.Generator().manual_seed(17))
+    generator = torch.Generator().manual_seed(18)
+    start_t = edit_strength_to_timestep(0.6, schedule.num_steps)
+    x_t, _ = add_noise(images, torch.full((8,), start_t), schedule, generator=generator)
+    mine = ddpm_sample(oracle, schedule, x_t, generator=generator, start_t=start_t, num_steps=6, clip_x0=True)
+    theirs = edit(oracle, schedule, images, 0.6, generator=torch.Generator().manual_seed(18), num_steps=6)
+    torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-12)
