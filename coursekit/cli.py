@@ -272,23 +272,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    """An argparse type: a number above 0 (minutes, a learning rate), refused with a clear message otherwise."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a number above 0 (minutes, a learning rate), refused with a clear message otherwise."""
+    value = _number(text)
+    if not 0 < value < float("inf"):  # nan fails both comparisons
         raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
     """An argparse type: a finite number of at least 0 (a guidance scale)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _number(text)
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, got {text}")
     return value

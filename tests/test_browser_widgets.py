@@ -17,7 +17,6 @@ import base64
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,22 +28,12 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from chromium import CHROMIUM_ARGS, chromium_path
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "01_forward_process.ipynb"
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
 
-# The machine's network is closed: without the background-networking flags Chromium keeps trying
-# Google's hosts. Playwright adds --headless itself (headless=True).
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SLIDER_HANDLE = ".widget-slider .noUi-handle"
 SLIDER_READOUT = ".widget-slider .widget-readout"
 WIDGET_IMAGE = "img.widget-image"
@@ -102,12 +91,6 @@ IMAGE_BYTES = """async (img) => {
     }
     return btoa(text);
 }"""
-
-
-def _chromium() -> str | None:
-    if os.access("/usr/bin/chromium", os.X_OK):
-        return "/usr/bin/chromium"
-    return shutil.which("chromium")
 
 
 def _free_port() -> int:
@@ -250,7 +233,7 @@ def lab(tmp_path):
 @pytest.fixture
 def page(tmp_path):
     """A page in headless Debian Chromium with an empty profile, closed afterwards."""
-    chromium = _chromium()
+    chromium = chromium_path()
     if chromium is None:
         pytest.skip("Chromium is not installed (apt-get install -y chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
