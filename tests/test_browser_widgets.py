@@ -28,7 +28,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from chromium import CHROMIUM_ARGS, chromium_path
+from chromium import chromium_context
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "01_forward_process.ipynb"
@@ -233,24 +233,10 @@ def lab(tmp_path):
 @pytest.fixture
 def page(tmp_path):
     """A page in headless Debian Chromium with an empty profile, closed afterwards."""
-    chromium = chromium_path()
-    if chromium is None:
-        pytest.skip("Chromium is not installed (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
-    with sync_api.sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"),
-            executable_path=chromium,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 1000},
-        )
-        try:
-            page = context.pages[0] if context.pages else context.new_page()
-            page.set_default_timeout(60_000)
-            yield page
-        finally:
-            context.close()
+    with chromium_context(tmp_path / "chromium-profile") as context:
+        page = context.pages[0] if context.pages else context.new_page()
+        page.set_default_timeout(60_000)
+        yield page
 
 
 def _image_png(page) -> bytes:

@@ -40,6 +40,9 @@ def test_notebook_is_small_and_clean(path):
         assert set(cell.get("metadata", {})) <= run_notebooks.KEPT_CELL_METADATA, (
             f"cell metadata {set(cell['metadata'])}"
         )
+        if cell["cell_type"] == "code" and cell.get("outputs"):
+            # nbval fails a cell that stores outputs without an execution count ("unrun reference cell")
+            assert cell.get("execution_count") is not None, f"{path.name}: a cell with outputs has no execution_count"
         frozen = [output for output in cell.get("outputs", []) if run_notebooks.is_progress_bar(output)]
         assert not frozen, (
             f"{path.name} stores a progress bar frozen mid-run ({frozen[0]}); "
