@@ -31,6 +31,7 @@ from coursekit.samplers import (
     _randn_like,
     ddpm_steps,
     final_state,
+    jump_posterior,
     resolve_clip,
     sampling_timesteps,
 )
@@ -132,26 +133,17 @@ def inpaint_steps(
         following = grid[index + 1] if index + 1 < len(grid) else -1  # -1: the clean image
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
         jump = following != step - 1  # respaced: the jump's own alpha, alpha_bar_t / alpha_bar_t'
-        alpha_bar_t = float(schedule.alpha_bar[step])
-        alpha_bar_next = float(schedule.alpha_bar[following]) if following >= 0 else 1.0
-        alpha = alpha_bar_t / alpha_bar_next
-        beta = 1 - alpha
         rounds = resample if following >= 0 else 1  # Algorithm 1, line 9: no going back up from the clean image
         for round_index in range(rounds):
             # 1. the unknown part: one reverse step (or jump) from x_t, (B, C, H, W)
             x0_pred, _ = read_output(model, x, t, schedule, prediction, clip_x0)  # DDPM Eq. 15 for "eps"
             if jump:  # DDPM Eq. 7 for the jump
-                mean = (alpha_bar_next**0.5 * beta / (1 - alpha_bar_t)) * x0_pred + (
-                    alpha**0.5 * (1 - alpha_bar_next) / (1 - alpha_bar_t)
-                ) * x
+                mean, beta, jump_variance = jump_posterior(x0_pred, x, schedule, step, following)
             else:
                 mean, _ = posterior_mean_variance(x0_pred, x, t, schedule)  # DDPM Eqs. 6-7
             if following >= 0:
                 noise = _randn_like(x, generator)
-                if jump:
-                    sigma = ((1 - alpha_bar_next) / (1 - alpha_bar_t) * beta) ** 0.5
-                else:
-                    sigma = schedule.at(variances, t, like=x).sqrt()
+                sigma = jump_variance**0.5 if jump else schedule.at(variances, t, like=x).sqrt()
                 unknown = mean + sigma * noise  # RePaint Algorithm 1, line 7
                 # 2. the known part: the images noised to the level of the next step
                 known, _ = add_noise(images, torch.full_like(t, following), schedule, noise=noise)  # line 5
@@ -161,8 +153,8 @@ def inpaint_steps(
             x = mask * known + (1 - mask) * unknown  # RePaint Algorithm 1, line 8
             # 4. resampling: back up to x_t, and go down again
             if round_index < rounds - 1:
-                if jump:  # DDPM Eq. 4 between the two levels
-                    x = alpha**0.5 * x + beta**0.5 * _randn_like(x, generator)
+                if jump:  # DDPM Eq. 4 between the two levels, alpha = 1 - beta
+                    x = (1 - beta) ** 0.5 * x + beta**0.5 * _randn_like(x, generator)
                 else:
                     x = _noising_step(x, t, schedule, generator)  # Algorithm 1, line 10 (DDPM Eq. 2)
         yield SamplerStep(step, x, x0_pred)

@@ -172,14 +172,12 @@ def draw_unet(model, image_size: int, ax=None):
     attention = [model.config.has_attention(level) for level in range(levels)]
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 1.3 * levels + 2.2))
-    boxes = {}  # name -> (x, y) of the box's centre
 
     def box(name: str, x: float, y: float, label: str, colour: str) -> None:
         channels, height, width = shapes[name]
         text = f"{label}\n{channels} x {height} x {width}"
         ax.add_patch(FancyBboxPatch((x - 1.15, y - 0.38), 2.3, 0.76, boxstyle="round,pad=0.04", fc=colour, ec="0.3"))
         ax.text(x, y, text, ha="center", va="center", fontsize=9)
-        boxes[name] = (x, y)
 
     def arrow(start: tuple, end: tuple, style: str = "-|>", colour: str = "0.25", dashed: bool = False) -> None:
         ax.add_patch(FancyArrowPatch(start, end, arrowstyle=style, mutation_scale=12, color=colour, lw=1.3,

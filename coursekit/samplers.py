@@ -87,19 +87,29 @@ def ddpm_steps(
             else:
                 x = mean
         else:  # a respaced jump from step to following
-            alpha_bar_t = float(schedule.alpha_bar[step])
-            alpha_bar_next = float(schedule.alpha_bar[following]) if following >= 0 else 1.0
-            alpha = alpha_bar_t / alpha_bar_next
-            beta = 1 - alpha
-            mean = (alpha_bar_next**0.5 * beta / (1 - alpha_bar_t)) * x0_pred + (
-                alpha**0.5 * (1 - alpha_bar_next) / (1 - alpha_bar_t)
-            ) * x  # DDPM Eq. 7 for the jump
+            mean, beta, posterior_variance = jump_posterior(x0_pred, x, schedule, step, following)
             if following >= 0:
-                spread = (1 - alpha_bar_next) / (1 - alpha_bar_t) * beta if variance == "posterior" else beta
+                spread = posterior_variance if variance == "posterior" else beta
                 x = mean + spread**0.5 * _randn_like(x, generator)
             else:
                 x = mean
         yield SamplerStep(step, x, x0_pred)
+
+
+def jump_posterior(
+    x0_pred: torch.Tensor, x: torch.Tensor, schedule: NoiseSchedule, step: int, following: int
+) -> tuple[torch.Tensor, float, float]:
+    """The true posterior of a jump from ``step`` down to ``following`` (-1: the clean image), for respacing:
+    DDPM Eq. 7 with alpha = alpha_bar_t / alpha_bar_t' as the jump's own alpha. Returns its mean, the jump's
+    beta = 1 - alpha, and the posterior variance (1 - alpha_bar_t') / (1 - alpha_bar_t) * beta."""
+    alpha_bar_t = float(schedule.alpha_bar[step])
+    alpha_bar_next = float(schedule.alpha_bar[following]) if following >= 0 else 1.0
+    alpha = alpha_bar_t / alpha_bar_next
+    beta = 1 - alpha
+    mean = (alpha_bar_next**0.5 * beta / (1 - alpha_bar_t)) * x0_pred + (
+        alpha**0.5 * (1 - alpha_bar_next) / (1 - alpha_bar_t)
+    ) * x
+    return mean, beta, (1 - alpha_bar_next) / (1 - alpha_bar_t) * beta
 
 
 def planned_timesteps(
